@@ -1,0 +1,23 @@
+"""jaxconsdec: OpenAI's Consistency Decoder in JAX/Flax.
+
+    params = jaxconsdec.params_from_torch(state_dict, jaxconsdec.CONSISTENCY_DECODER)
+    images = jaxconsdec.decode(params, latents, jax.random.key(0))   # (B, 3, 8h, 8w) in [-1, 1]
+    pixels = jaxconsdec.to_uint8(images)
+"""
+
+from jaxconsdec.config import CONSISTENCY_DECODER, TINY, UNetConfig
+from jaxconsdec.images import save_png, to_uint8
+from jaxconsdec.sampler import decode, example_keys, prepare_latents
+from jaxconsdec.schedule import TABLES, timesteps_for
+from jaxconsdec.unet import UNet
+from jaxconsdec.weights import (ParamsMismatchError, abstract_params, check_params,
+                                param_count, params_from_torch, torch_key_to_path)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONSISTENCY_DECODER", "TINY", "UNetConfig", "UNet", "decode", "example_keys",
+    "prepare_latents", "TABLES", "timesteps_for", "to_uint8", "save_png",
+    "ParamsMismatchError", "abstract_params", "check_params", "param_count",
+    "params_from_torch", "torch_key_to_path", "__version__",
+]

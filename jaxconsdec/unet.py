@@ -1,0 +1,186 @@
+"""The Consistency Decoder UNet in Flax Linen, NHWC.
+
+Module and parameter names follow diffusers' `UNet2DModel` with `.` + index turned into
+`_` + index (`down_blocks.0.resnets.1.conv1` -> `down_blocks_0/resnets_1/conv1`), so that the
+param tree reads like the reference and the key mapping in `weights.py` is mechanical.
+
+Each block output is `sow`n into the "intermediates" collection under the block's name:
+`UNet(cfg).apply({"params": p}, x, t, mutable=["intermediates"])` hands them back, which
+narrows a parity failure to one block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxconsdec.config import UNetConfig
+from jaxconsdec.precision import part_dtype
+
+
+def _conv(features: int, kernel: int, name: str, cfg: UNetConfig, dtype=None) -> nn.Conv:
+  return nn.Conv(
+      features, (kernel, kernel), padding=kernel // 2, name=name,
+      dtype=dtype or cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def _group_norm(name: str, cfg: UNetConfig, dtype=None) -> nn.GroupNorm:
+  # use_fast_variance=False: two-pass variance, as torch computes it. E[x^2] - E[x]^2 loses
+  # digits on activations whose mean is large next to their spread.
+  return nn.GroupNorm(
+      num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, use_fast_variance=False,
+      name=name, dtype=dtype or cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def _upsample_nearest(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 on (B, H, W, C): each pixel becomes a 2x2 block."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _downsample_avg(x: jax.Array) -> jax.Array:
+  """2x2 average pool, stride 2 (diffusers `Downsample2D(use_conv=False)`)."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+class ResnetBlock(nn.Module):
+  """diffusers `ResnetBlock2D` with `time_embedding_norm="scale_shift"`.
+
+  x: (B, H, W, C_in), temb: (B, time_embed_dim) -> (B, H', W', out_channels), where
+  H' is H/2, H or 2H for resample "down", None or "up".
+  """
+  config: UNetConfig
+  out_channels: int
+  resample: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    cfg = self.config
+    h = nn.silu(_group_norm("norm1", cfg)(x))
+    if self.resample == "down":
+      x, h = _downsample_avg(x), _downsample_avg(h)
+    elif self.resample == "up":
+      x, h = _upsample_nearest(x), _upsample_nearest(h)
+    h = _conv(self.out_channels, 3, "conv1", cfg)(h)
+
+    temb = nn.Dense(2 * self.out_channels, name="time_emb_proj", dtype=cfg.compute_dtype,
+                    param_dtype=jnp.dtype(cfg.param_dtype))(nn.silu(temb))
+    scale, shift = jnp.split(temb[:, None, None, :], 2, axis=-1)  # scale first, as torch.chunk
+    h = _group_norm("norm2", cfg)(h) * (1 + scale) + shift
+    h = _conv(self.out_channels, 3, "conv2", cfg)(nn.silu(h))
+
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, "conv_shortcut", cfg)(x)
+    return x + h
+
+
+class TimestepEmbedding(nn.Module):
+  """Linear -> SiLU -> Linear on the looked-up time vector (diffusers `TimestepEmbedding`)."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, t_emb: jax.Array) -> jax.Array:
+    cfg = self.config
+    dense = lambda name: nn.Dense(
+        cfg.time_embed_dim, name=name, dtype=part_dtype(cfg, "time_embedding"),
+        param_dtype=jnp.dtype(cfg.param_dtype))
+    return dense("linear_2")(nn.silu(dense("linear_1")(t_emb)))
+
+
+class DownBlock(nn.Module):
+  """diffusers `ResnetDownsampleBlock2D`: ResBlocks, then a downsampling ResBlock.
+
+  Returns the output and every intermediate that the up path consumes as a skip.
+  """
+  config: UNetConfig
+  out_channels: int
+  add_downsample: bool
+
+  @nn.compact
+  def __call__(self, h, temb):
+    skips = []
+    for i in range(self.config.layers_per_block):
+      h = ResnetBlock(self.config, self.out_channels, name=f"resnets_{i}")(h, temb)
+      skips.append(h)
+    if self.add_downsample:
+      h = ResnetBlock(self.config, self.out_channels, "down", name="downsamplers_0")(h, temb)
+      skips.append(h)
+    return h, skips
+
+
+class UpBlock(nn.Module):
+  """diffusers `ResnetUpsampleBlock2D`: ResBlock i takes concat([h, skips[i]]) on channels.
+
+  `skips` is in consumption order: the most recently pushed skip first.
+  """
+  config: UNetConfig
+  out_channels: int
+  add_upsample: bool
+
+  @nn.compact
+  def __call__(self, h, skips, temb):
+    for i, skip in enumerate(skips):
+      h = jnp.concatenate([h, skip], axis=-1)
+      h = ResnetBlock(self.config, self.out_channels, name=f"resnets_{i}")(h, temb)
+    if self.add_upsample:
+      h = ResnetBlock(self.config, self.out_channels, "up", name="upsamplers_0")(h, temb)
+    return h
+
+
+class MidBlock(nn.Module):
+  """diffusers `UNetMidBlock2D` with `add_attention=False`: two ResBlocks."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, h, temb):
+    width = self.config.block_out_channels[-1]
+    for i in range(2):
+      h = ResnetBlock(self.config, width, name=f"resnets_{i}")(h, temb)
+    return h
+
+
+class UNet(nn.Module):
+  """The decoder UNet.
+
+  __call__(x, t): x (B, H, W, in_channels) NHWC, t (B,) integer timesteps in
+  [0, num_train_timesteps) -> (B, H, W, out_channels) float32. H and W must divide by
+  `config.downsample_factor`.
+  """
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    cfg = self.config
+    widths = cfg.block_out_channels
+    levels = len(widths)
+
+    t_emb = nn.Embed(cfg.num_train_timesteps, widths[0], name="time_proj",
+                     dtype=part_dtype(cfg, "time_embedding"),
+                     param_dtype=jnp.dtype(cfg.param_dtype))(t)
+    temb = TimestepEmbedding(cfg, name="time_embedding")(t_emb)
+
+    h = _conv(widths[0], 3, "conv_in", cfg)(x)
+    skips = [h]
+    for i, width in enumerate(widths):
+      h, block_skips = DownBlock(cfg, width, add_downsample=i < levels - 1,
+                                 name=f"down_blocks_{i}")(h, temb)
+      skips += block_skips
+      self.sow("intermediates", f"down_blocks_{i}", h)
+
+    h = MidBlock(cfg, name="mid_block")(h, temb)
+    self.sow("intermediates", "mid_block", h)
+
+    per_up_block = cfg.layers_per_block + 1
+    for i, width in enumerate(reversed(widths)):
+      block_skips = tuple(reversed(skips[-per_up_block:]))
+      del skips[-per_up_block:]
+      h = UpBlock(cfg, width, add_upsample=i < levels - 1,
+                  name=f"up_blocks_{i}")(h, block_skips, temb)
+      self.sow("intermediates", f"up_blocks_{i}", h)
+
+    h = nn.silu(_group_norm("conv_norm_out", cfg, part_dtype(cfg, "conv_norm_out"))(h))
+    return _conv(cfg.out_channels, 3, "conv_out", cfg, part_dtype(cfg, "conv_out"))(h)

@@ -1,0 +1,184 @@
+"""PyTorch (diffusers `UNet2DModel`) names <-> the Flax param tree, and strict loading.
+
+`torch_key_to_path` is the single key mapping of the project: the converter and the parity
+tests use it too. Which tensor layout change a key needs is decided by the *module* it
+belongs to, never by guessing from the array's rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconsdec.config import UNetConfig
+from jaxconsdec.unet import UNet
+
+DIFFUSERS_PREFIX = "decoder_unet."
+
+# Module name -> kind. The kind fixes both the Flax leaf name and the layout change.
+_MODULE_KINDS = {
+    "conv_in": "conv", "conv1": "conv", "conv2": "conv", "conv_shortcut": "conv",
+    "conv_out": "conv",
+    "linear_1": "dense", "linear_2": "dense", "time_emb_proj": "dense",
+    "norm1": "norm", "norm2": "norm", "conv_norm_out": "norm",
+    "time_proj": "embed",
+}
+# torch parameter name -> Flax leaf name, per kind.
+_LEAF_NAMES = {
+    "conv": {"weight": "kernel", "bias": "bias"},
+    "dense": {"weight": "kernel", "bias": "bias"},
+    "norm": {"weight": "scale", "bias": "bias"},
+    "embed": {"weight": "embedding"},
+}
+# ModuleList containers: torch `name.3` is Flax `name_3`.
+_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "downsamplers", "upsamplers")
+_CONTAINER_RE = re.compile(rf"^({'|'.join(_CONTAINERS)})_(\d+)$")
+
+
+class ParamsMismatchError(ValueError):
+  """Weights and model disagree; the message lists every difference."""
+
+
+def torch_key_to_path(key: str) -> tuple[tuple[str, ...], str] | None:
+  """diffusers name -> (Flax param path, kind), or None if the name is not a UNet param.
+
+  'decoder_unet.down_blocks.0.resnets.1.conv1.weight' ->
+  (('down_blocks_0', 'resnets_1', 'conv1', 'kernel'), 'conv'). The `decoder_unet.` prefix of
+  `ConsistencyDecoderVAE` files is optional.
+  """
+  if key.startswith(DIFFUSERS_PREFIX):
+    key = key[len(DIFFUSERS_PREFIX):]
+  parts = key.split(".")
+  path: list[str] = []
+  for part in parts[:-1]:
+    if part.isdigit() and path and path[-1] in _CONTAINERS:
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  if not path:
+    return None
+  kind = _MODULE_KINDS.get(path[-1])
+  leaf = _LEAF_NAMES.get(kind, {}).get(parts[-1])
+  if leaf is None:
+    return None
+  return tuple(path) + (leaf,), kind
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+  """Flax param path -> diffusers `UNet2DModel` name (no prefix); inverse of the above."""
+  *modules, leaf = path
+  kind = _MODULE_KINDS[modules[-1]]
+  torch_leaf = {v: k for k, v in _LEAF_NAMES[kind].items()}[leaf]
+  names = [_CONTAINER_RE.sub(r"\1.\2", m) for m in modules]
+  return ".".join(names + [torch_leaf])
+
+
+def torch_to_flax_layout(array: np.ndarray, kind: str, leaf: str) -> np.ndarray:
+  """Reference tensor layout -> Flax: conv OIHW -> HWIO (no flip), linear (out, in) -> (in, out)."""
+  if leaf != "kernel":
+    return array
+  if kind == "conv":
+    return array.transpose(2, 3, 1, 0)
+  if kind == "dense":
+    return array.T
+  return array
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_params(config: UNetConfig):
+  unet = UNet(config)
+  x = jax.ShapeDtypeStruct((1, 8, 8, config.in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  return jax.eval_shape(lambda x, t: unet.init(jax.random.key(0), x, t), x, t)["params"]
+
+
+def abstract_params(config: UNetConfig) -> dict:
+  """The param tree of `config` as ShapeDtypeStructs (computed without allocating)."""
+  return flax.core.unfreeze(_abstract_params(config))
+
+
+def param_count(config: UNetConfig) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract_params(config)))
+
+
+def _flat(tree: Mapping) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def _raise_mismatch(what: str, missing: list[str], unexpected: list[str],
+                    wrong_shape: list[str], wrong_dtype: list[str] = ()) -> None:
+  if not (missing or unexpected or wrong_shape or wrong_dtype):
+    return
+  lines = [what]
+  for title, items in (("missing (in the model, not in the weights)", missing),
+                       ("unexpected (in the weights, not in the model)", unexpected),
+                       ("shape mismatch", wrong_shape),
+                       ("not a float dtype", wrong_dtype)):
+    if items:
+      lines.append(f"{len(items)} {title}:")
+      lines += [f"  {item}" for item in items]
+  raise ParamsMismatchError("\n".join(lines))
+
+
+def _is_float_dtype(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_params(params: Mapping, config: UNetConfig) -> None:
+  """Raises ParamsMismatchError unless `params` has exactly the tree and shapes of `config`."""
+  want = _flat(abstract_params(config))
+  have = _flat(params)
+  fmt = "/".join
+  _raise_mismatch(
+      f"params do not match the model config {config}. Were they made for another config?"
+      " (pass config=... to match the weights)",
+      missing=sorted(fmt(p) for p in want.keys() - have.keys()),
+      unexpected=sorted(fmt(p) for p in have.keys() - want.keys()),
+      wrong_shape=sorted(f"{fmt(p)}: params {tuple(np.shape(have[p]))}, config {want[p].shape}"
+                         for p in want.keys() & have.keys()
+                         if tuple(np.shape(have[p])) != want[p].shape),
+      wrong_dtype=sorted(f"{fmt(p)}: {jnp.result_type(have[p])}" for p in have
+                         if not _is_float_dtype(jnp.result_type(have[p]))))
+
+
+def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig) -> dict:
+  """diffusers `UNet2DModel` state dict (numpy arrays, any float dtype) -> Flax params.
+
+  Keys may carry the `decoder_unet.` prefix of `ConsistencyDecoderVAE`. Strict: raises one
+  ParamsMismatchError listing every missing key, unexpected key, shape mismatch and non-float
+  tensor. Arrays are cast to `config.param_dtype`, one tensor at a time.
+  """
+  want = _flat(abstract_params(config))
+  out: dict[tuple[str, ...], jax.Array] = {}
+  present = set()  # paths the weights hold, usable or not
+  unexpected, wrong_shape, wrong_dtype = [], [], []
+  for key, value in state_dict.items():
+    mapped = torch_key_to_path(key)
+    if mapped is None or mapped[0] not in want:
+      unexpected.append(key)
+      continue
+    path, kind = mapped
+    if path in present:
+      unexpected.append(f"{key} (a second tensor for {path_to_torch_key(path)})")
+      continue
+    present.add(path)
+    array = np.asarray(value)
+    if not _is_float_dtype(array.dtype):
+      wrong_dtype.append(f"{key}: {array.dtype}")
+      continue
+    array = torch_to_flax_layout(array, kind, path[-1])
+    if array.shape != want[path].shape:
+      wrong_shape.append(f"{key}: weights {tuple(array.shape)} -> Flax {array.shape},"
+                         f" model expects {want[path].shape}")
+      continue
+    out[path] = jnp.asarray(array, dtype=config.param_dtype)
+  missing = sorted(path_to_torch_key(p) for p in want.keys() - present)
+  _raise_mismatch(f"weights do not match the model config {config}:",
+                  missing, sorted(unexpected), wrong_shape, wrong_dtype)
+  return flax.traverse_util.unflatten_dict(out)
