@@ -7,14 +7,16 @@ import struct
 import tempfile
 import zlib
 
+import jax.numpy as jnp
 import numpy as np
 
 
-def to_uint8(images) -> np.ndarray:
+def to_uint8(images):
   """[-1, 1] images -> uint8 pixels, as the original does: `((x + 1) * 127.5)`, clipped to
-  [0, 255], then truncated (not rounded) by the integer cast. Any layout; shape unchanged."""
-  x = np.asarray(images, dtype=np.float32)
-  return np.clip((x + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  [0, 255], then truncated (not rounded) by the integer cast. Any layout; shape unchanged.
+  A jnp function, so it also runs inside a caller's `jax.jit`."""
+  x = jnp.asarray(images, dtype=jnp.float32)
+  return jnp.clip((x + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -50,4 +52,4 @@ def write_atomic(path: str, data: bytes) -> None:
 
 def save_png(path: str, image_hwc) -> None:
   """One [-1, 1] (H, W, 3) image -> PNG file at `path`, written atomically."""
-  write_atomic(path, encode_png(to_uint8(image_hwc)))
+  write_atomic(path, encode_png(np.asarray(to_uint8(image_hwc))))

@@ -4,7 +4,7 @@ Module and parameter names follow diffusers' `UNet2DModel` with `.` + index turn
 `_` + index (`down_blocks.0.resnets.1.conv1` -> `down_blocks_0/resnets_1/conv1`), so that the
 param tree reads like the reference and the key mapping in `weights.py` is mechanical.
 
-Each block output is `sow`n into the "intermediates" collection under the block's name:
+Each block output is `sow`n into the "intermediates" collection as "<block>_output":
 `UNet(cfg).apply({"params": p}, x, t, mutable=["intermediates"])` hands them back, which
 narrows a parity failure to one block.
 """
@@ -162,6 +162,7 @@ class UNet(nn.Module):
                      dtype=part_dtype(cfg, "time_embedding"),
                      param_dtype=jnp.dtype(cfg.param_dtype))(t)
     temb = TimestepEmbedding(cfg, name="time_embedding")(t_emb)
+    self.sow("intermediates", "time_embedding_output", temb)
 
     h = _conv(widths[0], 3, "conv_in", cfg)(x)
     skips = [h]
@@ -169,10 +170,10 @@ class UNet(nn.Module):
       h, block_skips = DownBlock(cfg, width, add_downsample=i < levels - 1,
                                  name=f"down_blocks_{i}")(h, temb)
       skips += block_skips
-      self.sow("intermediates", f"down_blocks_{i}", h)
+      self.sow("intermediates", f"down_blocks_{i}_output", h)
 
     h = MidBlock(cfg, name="mid_block")(h, temb)
-    self.sow("intermediates", "mid_block", h)
+    self.sow("intermediates", "mid_block_output", h)
 
     per_up_block = cfg.layers_per_block + 1
     for i, width in enumerate(reversed(widths)):
@@ -180,7 +181,7 @@ class UNet(nn.Module):
       del skips[-per_up_block:]
       h = UpBlock(cfg, width, add_upsample=i < levels - 1,
                   name=f"up_blocks_{i}")(h, block_skips, temb)
-      self.sow("intermediates", f"up_blocks_{i}", h)
+      self.sow("intermediates", f"up_blocks_{i}_output", h)
 
     h = nn.silu(_group_norm("conv_norm_out", cfg, part_dtype(cfg, "conv_norm_out"))(h))
     return _conv(cfg.out_channels, 3, "conv_out", cfg, part_dtype(cfg, "conv_out"))(h)

@@ -1,0 +1,138 @@
+"""Full decode against diffusers and the original loop; bf16; batch invariance; jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.autoencoders import consistency_decoder_vae as vae_module
+from diffusers.schedulers import scheduling_consistency_decoder as sched_module
+
+import jaxconsdec as jcd
+from jaxconsdec import sampler
+from reference import diffusers_unet, diffusers_vae, original_decode, rel_err, state_dict_numpy
+
+DECODE_TOL = 1e-4
+# bf16 compute vs the fp32 reference. bf16 keeps 8 significant bits: each conv output is
+# rounded to a relative 2^-9 ~ 2e-3, and the rounding of ~15 ResBlocks of the tiny model (40
+# in the released one) adds up roughly as a random walk, sqrt(15) x 2e-3 ~ 8e-3 per UNet
+# call, amplified at most ~2x by the second step. 3e-2 is that with a 2x margin; fp32 noise
+# alone is 4 orders of magnitude below it, so the check still catches any real error
+# (a wrong float32 part, a dtype leak into the schedule).
+BF16_TOL = 3e-2
+
+
+def _setup(seed, batch=2, h=4, w=6, cfg=jcd.TINY):
+  rng = np.random.default_rng(seed)
+  latents = (rng.standard_normal((batch, 4, h, w)) / 0.18215).astype(np.float32)
+  return cfg, latents, rng
+
+
+def _noise(rng, steps, shape):
+  return [rng.standard_normal(shape).astype(np.float32) for _ in range(steps)]
+
+
+def test_decode_matches_diffusers_consistency_decoder_vae(monkeypatch):
+  cfg, latents, rng = _setup(seed=21)
+  vae = diffusers_vae(cfg, seed=21)
+  params = jcd.params_from_torch(state_dict_numpy(vae.decoder_unet), cfg)
+  noises = _noise(rng, 2, (2, 3, 32, 48))
+  # Inject the same noise into diffusers: its decode and its scheduler each draw through
+  # their module's `randn_tensor`, in step order.
+  queue = [torch.from_numpy(n) for n in noises]
+  fake = lambda shape, **kw: queue.pop(0)
+  monkeypatch.setattr(vae_module, "randn_tensor", fake)
+  monkeypatch.setattr(sched_module, "randn_tensor", fake)
+  with torch.no_grad():
+    want = vae.decode(torch.from_numpy(latents)).sample
+  assert not queue  # both noises were consumed
+  got = jcd.decode(params, latents, 0, config=cfg, clamp=False, noise=noises)
+  err = rel_err(got, want)
+  print(f"\ndecode vs diffusers ConsistencyDecoderVAE: rel err {err:.3e}")
+  assert err <= DECODE_TOL
+
+
+@pytest.mark.parametrize("schedule", [(1.0,), (1.0, 0.5), (1.0, 0.75, 0.5, 0.25)])
+def test_decode_matches_original_loop(schedule):
+  cfg, latents, rng = _setup(seed=22 + len(schedule))
+  ref = diffusers_unet(cfg, seed=22)
+  params = jcd.params_from_torch(state_dict_numpy(ref), cfg)
+  noises = _noise(rng, len(schedule), (2, 3, 32, 48))
+  want = original_decode(ref, torch.from_numpy(latents), schedule,
+                         [torch.from_numpy(n) for n in noises], clamp=True)
+  got = jcd.decode(params, latents, 0, config=cfg, schedule=schedule, noise=noises)
+  err = rel_err(got, want)
+  print(f"\ndecode vs original loop {schedule}: rel err {err:.3e}")
+  assert err <= DECODE_TOL
+  assert float(jnp.abs(got).max()) <= 1.0
+
+
+def test_nhwc_layout_is_the_same_decode():
+  cfg, latents, rng = _setup(seed=30)
+  params = jcd.params_from_torch(state_dict_numpy(diffusers_unet(cfg, seed=30)), cfg)
+  nchw = jcd.decode(params, latents, 7, config=cfg)
+  nhwc = jcd.decode(params, latents.transpose(0, 2, 3, 1), 7, config=cfg, layout="NHWC")
+  np.testing.assert_allclose(nhwc, np.asarray(nchw).transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_compute_against_fp32_reference():
+  cfg, latents, rng = _setup(seed=31)
+  ref = diffusers_unet(cfg, seed=31)
+  noises = _noise(rng, 2, (2, 3, 32, 48))
+  want = original_decode(ref, torch.from_numpy(latents), (1.0, 0.5),
+                         [torch.from_numpy(n) for n in noises])
+  sd = state_dict_numpy(ref)
+  for param_dtype in ("float32", "bfloat16"):
+    bf16 = cfg.replace(dtype="bfloat16", param_dtype=param_dtype)
+    got = jcd.decode(jcd.params_from_torch(sd, bf16), latents, 0, config=bf16, noise=noises)
+    assert got.dtype == jnp.float32
+    err = rel_err(got, want)
+    print(f"\nbf16 compute, {param_dtype} params vs fp32 torch: rel err {err:.3e}")
+    assert 1e-6 < err <= BF16_TOL  # > 1e-6: bf16 really was used
+
+
+def test_example_decoded_alone_equals_it_in_a_batch():
+  cfg, latents, _ = _setup(seed=32, batch=3)
+  params = jcd.params_from_torch(state_dict_numpy(diffusers_unet(cfg, seed=32)), cfg)
+  key = jax.random.key(5)
+  batch = jcd.decode(params, latents, key, config=cfg)
+  keys = jcd.example_keys(key, 3)
+  for i in range(3):
+    alone = jcd.decode(params, latents[i:i + 1], keys[i:i + 1], config=cfg)
+    np.testing.assert_allclose(alone[0], batch[i], rtol=1e-5, atol=1e-5)
+  # A batch of keys gives the same as the one key it was derived from.
+  np.testing.assert_array_equal(jcd.decode(params, latents, keys, config=cfg), batch)
+  # Different examples draw different noise.
+  same = jcd.decode(params, np.repeat(latents[:1], 2, 0), key, config=cfg)
+  assert float(jnp.abs(same[0] - same[1]).max()) > 1e-3
+
+
+def test_seed_and_key_forms_agree():
+  cfg, latents, _ = _setup(seed=33, batch=1, h=2, w=2)
+  params = jcd.UNet(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 7)),
+                              jnp.zeros((1,), jnp.int32))["params"]
+  a = jcd.decode(params, latents, 3, config=cfg)
+  b = jcd.decode(params, latents, jax.random.key(3), config=cfg)
+  c = jcd.decode(params, latents, jax.random.PRNGKey(3), config=cfg)
+  d = jcd.decode({"params": params}, latents, np.int64(3), config=cfg)
+  for other in (b, c, d):
+    np.testing.assert_array_equal(a, other)
+
+
+def test_second_call_does_not_recompile_and_works_under_jit():
+  cfg, latents, _ = _setup(seed=34, batch=1, h=2, w=3)
+  params = jcd.UNet(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 7)),
+                              jnp.zeros((1,), jnp.int32))["params"]
+  first = jcd.decode(params, latents, 1, config=cfg)
+  compiled = sampler._decode._cache_size()
+  again = jcd.decode(params, latents + 1.0, 1, config=cfg)
+  assert sampler._decode._cache_size() == compiled
+  assert not np.array_equal(first, again)
+
+  @jax.jit
+  def pipeline(params, latents, key):  # a caller's own jitted pipeline, pixels out
+    return jcd.to_uint8(jcd.decode(params, latents, key, config=cfg))
+
+  inside = pipeline(params, jnp.asarray(latents), jax.random.key(1))
+  assert inside.dtype == jnp.uint8
+  assert np.abs(inside.astype(int) - np.asarray(jcd.to_uint8(first)).astype(int)).max() <= 1
