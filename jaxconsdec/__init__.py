@@ -5,6 +5,7 @@
     pixels = jaxconsdec.to_uint8(images)
 """
 
+from jaxconsdec.checkpoint import CheckpointError, load
 from jaxconsdec.config import CONSISTENCY_DECODER, TINY, UNetConfig
 from jaxconsdec.images import save_png, to_uint8
 from jaxconsdec.sampler import decode, example_keys, prepare_latents
@@ -19,5 +20,5 @@ __all__ = [
     "CONSISTENCY_DECODER", "TINY", "UNetConfig", "UNet", "decode", "example_keys",
     "prepare_latents", "TABLES", "timesteps_for", "to_uint8", "save_png",
     "ParamsMismatchError", "abstract_params", "check_params", "param_count",
-    "params_from_torch", "torch_key_to_path", "__version__",
+    "params_from_torch", "torch_key_to_path", "load", "CheckpointError", "__version__",
 ]

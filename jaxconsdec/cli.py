@@ -41,6 +41,48 @@ def _sample(args: argparse.Namespace) -> int:
   return 0
 
 
+def _config_arg(value: str):
+  import jaxconsdec as jcd
+  if value in ("released", "tiny"):
+    return {"released": jcd.CONSISTENCY_DECODER, "tiny": jcd.TINY}[value]
+  with open(value) as f:
+    return jcd.UNetConfig.from_json(f.read())
+
+
+def _convert(args: argparse.Namespace) -> int:
+  import jax
+  import numpy as np
+
+  from jaxconsdec import __version__, checkpoint
+  from jaxconsdec.convert import read_weights
+  from jaxconsdec.weights import params_from_torch, param_count
+
+  if os.path.exists(args.output) and not args.force:
+    print(f"error: {args.output} exists; pass --force to replace it", file=sys.stderr)
+    return 2
+  config = _config_arg(args.config).replace(param_dtype=args.dtype)
+  weights = read_weights(args.sources, config, args.embedding)
+  for src in weights.sources:
+    print(f"found {src.path}: format {src.format}, {src.tensor_count} tensors,"
+          f" dtype {'/'.join(src.dtypes)}, {src.size:,} bytes")
+  params = params_from_torch(weights.unet, config)
+  extras = None
+  if len(weights.extras):
+    extras = {}
+    for name in weights.extras:  # nested by name parts: Orbax keys are path components
+      node = extras
+      *parents, leaf = name.split(".")
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = np.asarray(weights.extras[name])
+  provenance = {"sources": [s.to_json() for s in weights.sources],
+                "converter": f"jaxconsdec {__version__}", "param_dtype": args.dtype}
+  checkpoint.save(args.output, params, config, provenance, extras, force=args.force)
+  extra_note = f" and {len(weights.extras)} extra tensors (SD VAE encoder)" if extras else ""
+  print(f"wrote {args.output}: {param_count(config):,} parameters in {args.dtype}{extra_note}")
+  return 0
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxconsdec", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
   sample.add_argument("--schedule", default="1.0,0.5", help="comma-separated values in [0, 1]")
   sample.add_argument("--seed", type=int, default=0)
   sample.set_defaults(run=_sample)
+
+  convert = sub.add_parser(
+      "convert", help="convert published PyTorch weights (decoder.pt or safetensors) into a"
+      " jaxconsdec checkpoint; needs no torch")
+  convert.add_argument("sources", nargs="+", metavar="SRC",
+                       help="weight file; for the raw layout, the embedding file may follow")
+  convert.add_argument("-o", "--output", required=True, help="checkpoint folder to create")
+  convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype the params are stored in (default float32)")
+  convert.add_argument("--embedding", help="safetensors file holding the time-embedding table")
+  convert.add_argument("--config", default="released",
+                       help="architecture: released (default), tiny, or a UNetConfig JSON file")
+  convert.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+  convert.set_defaults(run=_convert)
   return parser
 
 
@@ -63,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     return args.run(args)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("interrupted; nothing was written", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

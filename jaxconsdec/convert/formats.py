@@ -1,0 +1,308 @@
+"""Which published layout a file is (from its content), and its tensors under diffusers names.
+
+Layouts (SPEC section 4):
+  torchscript  OpenAI's `decoder.pt`: raw names (`blocks.down_0_conv_0.f_1.w`, ...)
+  diffusers    `ConsistencyDecoderVAE` safetensors: `decoder_unet.` + UNet2DModel names, with
+               the SD VAE `encoder.*` and `quant_conv.*` beside them
+  unet2d       `UNet2DModel` safetensors, names without prefix
+  raw          safetensors with the raw TorchScript names, no time-embedding table
+  embedding    safetensors holding only `weight` [num_train_timesteps, C0], the table `raw`
+               files lack
+Tensors are read lazily, one at a time, so a conversion never holds the file twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import struct
+from collections.abc import Mapping
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from jaxconsdec.config import UNetConfig
+from jaxconsdec.convert.errors import WeightFileError
+from jaxconsdec.convert.torchscript import TorchScriptArchive
+
+DIFFUSERS_PREFIX = "decoder_unet."
+EXTRA_PREFIXES = ("encoder.", "quant_conv.")
+
+# Raw TorchScript module letters -> diffusers module / parameter names (SPEC 4.1).
+_RAW_MODULES = {"gn_1": "norm1", "gn_2": "norm2", "f_1": "conv1", "f_2": "conv2",
+                "f_t": "time_emb_proj", "f_s": "conv_shortcut"}
+_RAW_LEAVES = {"w": "weight", "b": "bias", "g": "weight"}
+_RAW_FIXED = {"embed_image.f": "conv_in", "embed_time.f_1": "time_embedding.linear_1",
+              "embed_time.f_2": "time_embedding.linear_2", "output.gn": "conv_norm_out",
+              "output.f": "conv_out"}
+_RAW_BLOCK = re.compile(r"^blocks\.(?:(down|up)_(\d+)_(?:conv_(\d+)|(downsamp|upsamp))|mid_(\d+))"
+                        r"\.(\w+)\.(\w)$")
+RAW_MARKER = "embed_image.f.w"
+
+
+def raw_to_diffusers(name: str, levels: int) -> Optional[str]:
+  """Raw TorchScript name -> diffusers UNet2DModel name, or None if it is not one.
+
+  Up blocks are numbered in reverse: raw `up_{i}` is diffusers `up_blocks.{levels-1-i}`.
+  """
+  module, _, leaf = name.rpartition(".")
+  if module in _RAW_FIXED and leaf in _RAW_LEAVES:
+    return f"{_RAW_FIXED[module]}.{_RAW_LEAVES[leaf]}"
+  m = _RAW_BLOCK.match(name)
+  if not m or m.group(6) not in _RAW_MODULES or m.group(7) not in _RAW_LEAVES:
+    return None
+  direction, level, conv, resample, mid, mod, leaf = m.groups()
+  tail = f"{_RAW_MODULES[mod]}.{_RAW_LEAVES[leaf]}"
+  if mid is not None:
+    return f"mid_block.resnets.{mid}.{tail}"
+  level = int(level) if direction == "down" else levels - 1 - int(level)
+  block = f"{direction}_blocks.{level}"
+  inner = f"resnets.{conv}" if conv is not None else f"{direction}samplers.0"
+  return f"{block}.{inner}.{tail}"
+
+
+@dataclasses.dataclass
+class SourceInfo:
+  """Provenance of one input file."""
+  path: str
+  size: int
+  sha256: str
+  format: str
+  tensor_count: int
+  dtypes: list[str]
+
+  def to_json(self) -> dict:
+    return dict(file=os.path.basename(self.path), size=self.size, sha256=self.sha256,
+                format=self.format, tensor_count=self.tensor_count, dtypes=self.dtypes)
+
+
+class LazyTensors(Mapping):
+  """name -> numpy array, each read from disk only when asked for."""
+
+  def __init__(self, readers: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple]):
+    self._readers, self.shapes = readers, shapes
+
+  def __getitem__(self, key):
+    return self._readers[key]()
+
+  def __iter__(self):
+    return iter(self._readers)
+
+  def __len__(self):
+    return len(self._readers)
+
+
+@dataclasses.dataclass
+class Weights:
+  unet: LazyTensors          # diffusers UNet2DModel names (no prefix)
+  extras: LazyTensors        # e.g. the SD VAE encoder of a ConsistencyDecoderVAE file
+  sources: list[SourceInfo]
+  config_json: Optional[dict] = None  # a diffusers config.json found beside the file
+
+
+def sha256_of(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _sniff(path: str) -> str:
+  try:
+    with open(path, "rb") as f:
+      head = f.read(16)
+  except OSError as e:
+    raise WeightFileError(f"{path}: cannot read ({e.strerror})")
+  if head.startswith(b"PK\x03\x04"):
+    return "zip"
+  if len(head) >= 9 and head[8:9] == b"{":
+    return "safetensors"
+  kind = "empty" if not head else f"starts with bytes {head[:8]!r}"
+  raise WeightFileError(f"{path}: neither a TorchScript archive (ZIP) nor a safetensors file"
+                        f" ({kind}). Expected decoder.pt or a *.safetensors weight file.")
+
+
+def _safetensors_tensors(path: str):
+  from safetensors import safe_open  # numpy framework: no torch needed
+  try:
+    handle = safe_open(path, framework="numpy")
+    keys = list(handle.keys())
+    # The header alone is trusted by safe_open only after it validated offsets against the
+    # file size; ask it for each shape through the slice API without reading data.
+    shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+    dtypes = sorted({handle.get_slice(k).get_dtype() for k in keys})
+  except Exception as e:
+    raise WeightFileError(f"{path}: not a valid safetensors file ({e}). Is it truncated? Compare"
+                          " its size and SHA-256 with the published file.")
+
+  def reader(key):
+    def read():
+      try:
+        return handle.get_tensor(key)
+      except Exception as e:
+        raise WeightFileError(f"{path}: cannot read tensor {key} ({e})")
+    return read
+  return {k: reader(k) for k in keys}, shapes, dtypes
+
+
+def _classify_safetensors(path: str, shapes: dict) -> str:
+  keys = set(shapes)
+  prefixed = {k for k in keys if k.startswith(DIFFUSERS_PREFIX)}
+  extras = {k for k in keys if k.startswith(EXTRA_PREFIXES)}
+  raw = {k for k in keys if k.startswith(("blocks.", "embed_image.", "embed_time.", "output."))}
+  plain = {k for k in keys if k.split(".")[0] in (
+      "conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block", "up_blocks",
+      "conv_norm_out", "conv_out")}
+  kinds = [name for name, found in (("diffusers", prefixed), ("raw", raw), ("unet2d", plain))
+           if found]
+  if len(kinds) > 1:
+    raise WeightFileError(f"{path}: mixes layouts ({' and '.join(kinds)} names in one file);"
+                          " each published file has one. Was it assembled by hand?")
+  if kinds == ["diffusers"]:
+    return "diffusers"
+  if kinds and extras:
+    raise WeightFileError(f"{path}: {kinds[0]} names next to SD VAE encoder tensors without the"
+                          " decoder_unet. prefix: not a published layout")
+  if kinds:
+    return kinds[0]
+  if keys == {"weight"} and len(shapes["weight"]) == 2:
+    return "embedding"
+  sample = ", ".join(sorted(keys)[:5])
+  raise WeightFileError(f"{path}: a safetensors file with {len(keys)} tensors ({sample}...)"
+                        " but none of the Consistency Decoder layouts")
+
+
+def _source(path, fmt, count, dtypes) -> SourceInfo:
+  return SourceInfo(path, os.path.getsize(path), sha256_of(path), fmt, count, list(dtypes))
+
+
+def _read_one(path: str, config: UNetConfig):
+  """-> (format, tensors under diffusers names or raw names, extras, SourceInfo, config.json)."""
+  levels = len(config.block_out_channels)
+  if _sniff(path) == "zip":
+    archive = TorchScriptArchive(path)
+    base = next((k[:-len(RAW_MARKER)] for k in archive.tensors if k.endswith(RAW_MARKER)), None)
+    if base is None:
+      raise WeightFileError(f"{path}: a TorchScript archive, but without the decoder's"
+                            f" `{RAW_MARKER}` tensor: not OpenAI's decoder.pt")
+    readers, shapes, table = {}, {}, []
+    for name, ref in archive.tensors.items():
+      mapped = raw_to_diffusers(name[len(base):], levels) if name.startswith(base) else None
+      if mapped is None:
+        table.append(ref)
+        continue
+      readers[mapped] = (lambda r=ref: archive.read(r))
+      shapes[mapped] = ref.shape
+    table += archive.constants
+    want = (config.num_train_timesteps, config.block_out_channels[0])
+    candidates = [r for r in table if r.shape == want]
+    if len(candidates) == 1:
+      readers["time_proj.weight"] = lambda r=candidates[0]: archive.read(r)
+      shapes["time_proj.weight"] = want
+    elif len(candidates) > 1:
+      raise WeightFileError(f"{path}: {len(candidates)} tensors of shape {want} could be the"
+                            " time-embedding table; pass the right one with --embedding FILE")
+    dtypes = sorted({str(r.storage.dtype) for r in archive.tensors.values()})
+    info = _source(path, "torchscript", len(archive.tensors) + len(archive.constants), dtypes)
+    return "torchscript", LazyTensors(readers, shapes), LazyTensors({}, {}), info, None
+
+  tensors, shapes, dtypes = _safetensors_tensors(path)
+  fmt = _classify_safetensors(path, shapes)
+  info = _source(path, fmt, len(tensors), dtypes)
+  if fmt == "embedding":
+    return fmt, LazyTensors({"time_proj.weight": tensors["weight"]},
+                            {"time_proj.weight": shapes["weight"]}), LazyTensors({}, {}), info, None
+  if fmt == "diffusers":
+    unet = {k[len(DIFFUSERS_PREFIX):]: v for k, v in tensors.items() if k.startswith(DIFFUSERS_PREFIX)}
+    extras = {k: v for k, v in tensors.items() if not k.startswith(DIFFUSERS_PREFIX)}
+    config_json = None
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if os.path.exists(beside):
+      try:
+        with open(beside) as f:
+          config_json = json.load(f)
+      except (OSError, ValueError) as e:
+        raise WeightFileError(f"{beside}: unreadable config.json next to {path} ({e})")
+    return (fmt, LazyTensors(unet, {k[len(DIFFUSERS_PREFIX):]: shapes[k] for k in tensors
+                                    if k.startswith(DIFFUSERS_PREFIX)}),
+            LazyTensors(extras, {k: shapes[k] for k in extras}), info, config_json)
+  if fmt == "raw":
+    readers, raw_shapes, unknown = {}, {}, []
+    for k, read in tensors.items():
+      mapped = raw_to_diffusers(k, levels)
+      if mapped is None:
+        unknown.append(k)
+        continue
+      readers[mapped], raw_shapes[mapped] = read, shapes[k]
+    for k in unknown:  # keep them, so strict loading reports them as unexpected
+      readers[k], raw_shapes[k] = tensors[k], shapes[k]
+    return fmt, LazyTensors(readers, raw_shapes), LazyTensors({}, {}), info, None
+  return fmt, LazyTensors(tensors, shapes), LazyTensors({}, {}), info, None
+
+
+# diffusers ConsistencyDecoderVAE config.json field -> UNetConfig field.
+CONFIG_JSON_FIELDS = {
+    "decoder_block_out_channels": "block_out_channels",
+    "decoder_layers_per_block": "layers_per_block",
+    "decoder_norm_num_groups": "norm_num_groups", "decoder_norm_eps": "norm_eps",
+    "decoder_in_channels": "in_channels", "decoder_out_channels": "out_channels",
+    "decoder_num_train_timesteps": "num_train_timesteps",
+}
+
+
+def check_config_json(config_json: dict, config: UNetConfig, where: str) -> None:
+  diffs = []
+  for src, field in CONFIG_JSON_FIELDS.items():
+    if src in config_json:
+      value = config_json[src]
+      ours = getattr(config, field)
+      if (tuple(value) if isinstance(value, list) else value) != ours:
+        diffs.append(f"{src}={value!r} but the model being built has {field}={ours!r}")
+  if diffs:
+    raise WeightFileError(f"{where} describes another architecture: " + "; ".join(diffs)
+                          + ". Pass the matching --config.")
+
+
+def read_weights(paths: Sequence[str], config: UNetConfig,
+                 embedding: Optional[str] = None) -> Weights:
+  """Reads one weight file, or a raw file plus its embedding file, as diffusers names."""
+  paths = list(paths) + ([embedding] if embedding else [])
+  if not paths:
+    raise WeightFileError("no weight file given")
+  unet_readers, unet_shapes, sources = {}, {}, []
+  extras, config_json = LazyTensors({}, {}), None
+  formats = []
+  for path in paths:
+    fmt, tensors, more, info, cj = _read_one(path, config)
+    formats.append(fmt)
+    sources.append(info)
+    if fmt == "embedding" and "time_proj.weight" in unet_readers and path != embedding:
+      raise WeightFileError(f"{path}: a second time-embedding table; give only one")
+    overlap = set(tensors) & set(unet_readers) - ({"time_proj.weight"} if fmt == "embedding" else set())
+    if overlap:
+      raise WeightFileError(f"{path}: repeats {len(overlap)} tensors of another input"
+                            f" (e.g. {sorted(overlap)[0]}); give one weight file (plus an"
+                            " embedding file for the raw layout)")
+    for k in tensors:
+      unet_readers[k] = tensors._readers[k]
+      unet_shapes[k] = tensors.shapes[k]
+    if len(more):
+      extras = more
+    config_json = config_json or cj
+  main = [f for f in formats if f != "embedding"]
+  if len(main) != 1:
+    raise WeightFileError(f"expected one weight file (plus an optional embedding file), got"
+                          f" formats {formats} for {paths}")
+  if config_json is not None:
+    check_config_json(config_json, config, f"config.json beside {paths[0]}")
+  if "time_proj.weight" not in unet_readers:
+    raise WeightFileError(
+        f"{paths[0]}: no time-embedding table [{config.num_train_timesteps},"
+        f" {config.block_out_channels[0]}] in this {main[0]} file (not as a parameter, not as a"
+        " constant). Supply it with --embedding FILE: a safetensors file with one tensor"
+        " `weight` (the community's embedding.safetensors).")
+  return Weights(LazyTensors(unet_readers, unet_shapes), extras, sources, config_json)
