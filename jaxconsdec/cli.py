@@ -16,7 +16,10 @@ def _sample(args: argparse.Namespace) -> int:
 
   import jaxconsdec as jcd
 
-  config = {"released": jcd.CONSISTENCY_DECODER, "tiny": jcd.TINY}[args.model]
+  if args.size <= 0 or args.size % 8:
+    print(f"error: --size must be a positive multiple of 8, got {args.size}", file=sys.stderr)
+    return 2
+  config = _config_arg(args.model)
   out_dir = os.path.dirname(os.path.abspath(args.output))
   if not os.path.isdir(out_dir):
     print(f"error: output folder {out_dir} does not exist", file=sys.stderr)
@@ -114,9 +117,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  if getattr(args, "size", 8) % 8 or getattr(args, "size", 8) <= 0:
-    print(f"error: --size must be a positive multiple of 8, got {args.size}", file=sys.stderr)
-    return 2
   try:
     return args.run(args)
   except (ValueError, TypeError, OSError) as e:
