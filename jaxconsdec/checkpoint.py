@@ -37,6 +37,20 @@ def _checkpointer():
   return ocp.StandardCheckpointer()
 
 
+def _save_tree(path: str, tree) -> None:
+  """Writes one tree of jax arrays, synchronously, as a plain (non-OCDBT) Orbax checkpoint.
+
+  OCDBT, Orbax's default, buffers every array's encoded bytes until it commits, which holds
+  the whole model a second time (measured: 1.98x the file size at peak instead of 1.07x,
+  benchmarks/convert_memory.py). Plain zarr writes chunk by chunk; StandardCheckpointer
+  restores either format. Numpy leaves are avoided: Orbax's numpy path copies them too.
+  """
+  import orbax.checkpoint as ocp
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+  with ocp.Checkpointer(handler) as ckpt:
+    ckpt.save(path, args=ocp.args.PyTreeSave(tree))
+
+
 def save(out_dir: str, params, config: UNetConfig, provenance: dict,
          extras: Optional[dict] = None, force: bool = False) -> None:
   out_dir = os.path.abspath(out_dir)
@@ -46,11 +60,9 @@ def save(out_dir: str, params, config: UNetConfig, provenance: dict,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   try:
-    ckpt = _checkpointer()
-    ckpt.save(os.path.join(tmp, "params"), params)
+    _save_tree(os.path.join(tmp, "params"), params)
     if extras:
-      ckpt.save(os.path.join(tmp, "extras"), extras)
-    ckpt.wait_until_finished()
+      _save_tree(os.path.join(tmp, "extras"), extras)
     with open(os.path.join(tmp, META), "w") as f:
       json.dump({"format_version": FORMAT_VERSION, "config": json.loads(config.to_json()),
                  "provenance": provenance}, f, indent=2, sort_keys=True)

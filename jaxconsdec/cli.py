@@ -54,7 +54,6 @@ def _config_arg(value: str):
 
 def _convert(args: argparse.Namespace) -> int:
   import jax
-  import numpy as np
 
   from jaxconsdec import __version__, checkpoint
   from jaxconsdec.convert import read_weights
@@ -77,7 +76,7 @@ def _convert(args: argparse.Namespace) -> int:
       *parents, leaf = name.split(".")
       for part in parents:
         node = node.setdefault(part, {})
-      node[leaf] = np.asarray(weights.extras[name])
+      node[leaf] = jax.numpy.asarray(weights.extras[name])  # jax leaves: see checkpoint._save_tree
   provenance = {"sources": [s.to_json() for s in weights.sources],
                 "converter": f"jaxconsdec {__version__}", "param_dtype": args.dtype}
   checkpoint.save(args.output, params, config, provenance, extras, force=args.force)

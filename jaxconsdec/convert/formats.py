@@ -22,6 +22,7 @@ import struct
 from collections.abc import Mapping
 from typing import Callable, Iterator, Optional, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from jaxconsdec.config import UNetConfig
@@ -94,6 +95,10 @@ class LazyTensors(Mapping):
   def __len__(self):
     return len(self._readers)
 
+  def update(self, other: "LazyTensors") -> None:
+    self._readers.update(other._readers)
+    self.shapes.update(other.shapes)
+
 
 @dataclasses.dataclass
 class Weights:
@@ -126,25 +131,51 @@ def _sniff(path: str) -> str:
                         f" ({kind}). Expected decoder.pt or a *.safetensors weight file.")
 
 
+# safetensors dtype names -> numpy (bfloat16 through ml_dtypes, which jax installs).
+_SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in (
+    ("F16", np.float16), ("F32", np.float32), ("F64", np.float64), ("BF16", ml_dtypes.bfloat16),
+    ("I8", np.int8), ("I16", np.int16), ("I32", np.int32), ("I64", np.int64), ("U8", np.uint8),
+    ("BOOL", np.bool_))}
+
+
 def _safetensors_tensors(path: str):
+  """-> ({name: reader}, {name: shape}, dtypes) of a safetensors file, reading no data yet.
+
+  safetensors validates the header (offsets inside the file, no overlaps, sizes agreeing with
+  shapes); the data is then read with plain reads into fresh arrays rather than through
+  safetensors' memory map, whose touched pages would count as a second copy of the file.
+  """
   from safetensors import safe_open  # numpy framework: no torch needed
   try:
-    handle = safe_open(path, framework="numpy")
-    keys = list(handle.keys())
-    # The header alone is trusted by safe_open only after it validated offsets against the
-    # file size; ask it for each shape through the slice API without reading data.
-    shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-    dtypes = sorted({handle.get_slice(k).get_dtype() for k in keys})
+    with safe_open(path, framework="numpy") as handle:
+      keys = list(handle.keys())
+      shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+    with open(path, "rb") as f:
+      (header_len,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(header_len))
   except Exception as e:
     raise WeightFileError(f"{path}: not a valid safetensors file ({e}). Is it truncated? Compare"
                           " its size and SHA-256 with the published file.")
+  data_start = 8 + header_len
+  unknown = sorted({header[k]["dtype"] for k in keys} - _SAFETENSORS_DTYPES.keys())
+  if unknown:
+    raise WeightFileError(f"{path}: tensors of dtype {', '.join(unknown)}, which no published"
+                          " Consistency Decoder file has")
+  dtypes = sorted({str(_SAFETENSORS_DTYPES[header[k]["dtype"]]) for k in keys})
 
   def reader(key):
     def read():
+      dtype = _SAFETENSORS_DTYPES[header[key]["dtype"]]
+      begin, _ = header[key]["data_offsets"]
+      count = int(np.prod(shapes[key], dtype=np.int64))
       try:
-        return handle.get_tensor(key)
-      except Exception as e:
-        raise WeightFileError(f"{path}: cannot read tensor {key} ({e})")
+        with open(path, "rb") as f:
+          array = np.fromfile(f, dtype=dtype, count=count, offset=data_start + begin)
+      except OSError as e:
+        raise WeightFileError(f"{path}: cannot read tensor {key} ({e.strerror})")
+      if array.size != count:
+        raise WeightFileError(f"{path}: tensor {key} ends early (file truncated after checking?)")
+      return array.reshape(shapes[key])
     return read
   return {k: reader(k) for k in keys}, shapes, dtypes
 
@@ -273,36 +304,35 @@ def read_weights(paths: Sequence[str], config: UNetConfig,
   paths = list(paths) + ([embedding] if embedding else [])
   if not paths:
     raise WeightFileError("no weight file given")
-  unet_readers, unet_shapes, sources = {}, {}, []
-  extras, config_json = LazyTensors({}, {}), None
-  formats = []
+  unet, extras = LazyTensors({}, {}), LazyTensors({}, {})
+  sources, formats, config_json = [], [], None
   for path in paths:
-    fmt, tensors, more, info, cj = _read_one(path, config)
+    fmt, tensors, more, info, found_json = _read_one(path, config)
     formats.append(fmt)
     sources.append(info)
-    if fmt == "embedding" and "time_proj.weight" in unet_readers and path != embedding:
+    # An explicit --embedding file replaces a table the weight file already has; an embedding
+    # file given as a second SRC must not contradict one.
+    replaceable = {"time_proj.weight"} if path == embedding else set()
+    overlap = (set(tensors) & set(unet)) - replaceable
+    if overlap == {"time_proj.weight"}:
       raise WeightFileError(f"{path}: a second time-embedding table; give only one")
-    overlap = set(tensors) & set(unet_readers) - ({"time_proj.weight"} if fmt == "embedding" else set())
     if overlap:
       raise WeightFileError(f"{path}: repeats {len(overlap)} tensors of another input"
                             f" (e.g. {sorted(overlap)[0]}); give one weight file (plus an"
                             " embedding file for the raw layout)")
-    for k in tensors:
-      unet_readers[k] = tensors._readers[k]
-      unet_shapes[k] = tensors.shapes[k]
-    if len(more):
-      extras = more
-    config_json = config_json or cj
+    unet.update(tensors)
+    extras.update(more)
+    config_json = config_json or found_json
   main = [f for f in formats if f != "embedding"]
   if len(main) != 1:
     raise WeightFileError(f"expected one weight file (plus an optional embedding file), got"
                           f" formats {formats} for {paths}")
   if config_json is not None:
     check_config_json(config_json, config, f"config.json beside {paths[0]}")
-  if "time_proj.weight" not in unet_readers:
+  if "time_proj.weight" not in unet:
     raise WeightFileError(
         f"{paths[0]}: no time-embedding table [{config.num_train_timesteps},"
         f" {config.block_out_channels[0]}] in this {main[0]} file (not as a parameter, not as a"
         " constant). Supply it with --embedding FILE: a safetensors file with one tensor"
         " `weight` (the community's embedding.safetensors).")
-  return Weights(LazyTensors(unet_readers, unet_shapes), extras, sources, config_json)
+  return Weights(unet, extras, sources, config_json)
