@@ -14,9 +14,10 @@ import numpy as np
 def to_uint8(images):
   """[-1, 1] images -> uint8 pixels, as the original does: `((x + 1) * 127.5)`, clipped to
   [0, 255], then truncated (not rounded) by the integer cast. Any layout; shape unchanged.
-  A jnp function, so it also runs inside a caller's `jax.jit`."""
-  x = jnp.asarray(images, dtype=jnp.float32)
-  return jnp.clip((x + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
+  Runs inside a caller's `jax.jit`; a numpy array stays on the host (numpy in, numpy out)."""
+  xp = np if isinstance(images, np.ndarray) else jnp
+  x = xp.asarray(images, dtype=xp.float32)
+  return xp.clip((x + 1.0) * 127.5, 0, 255).astype(xp.uint8)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -36,10 +37,13 @@ def encode_png(pixels: np.ndarray) -> bytes:
           + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
+TMP_PREFIX = ".jaxconsdec-tmp-"  # what a killed writer can leave behind; safe to delete
+
+
 def write_atomic(path: str, data: bytes) -> None:
   """Writes to a temporary file beside `path`, then renames: never a half-written file."""
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)

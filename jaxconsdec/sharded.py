@@ -1,0 +1,168 @@
+"""Data-parallel decoding over a `jax.sharding.Mesh`, on one host or many.
+
+One jitted program with explicit shardings: params replicated, latents and per-example
+indices sharded over the mesh's data axis, images sharded the same way. Example i of a job
+draws its noise from `fold_in(key, i)` with i its *global* index, the same key `decode` uses
+with `example_keys(key, n)`, so an image does not depend on the batch size, the device count
+or the host count.
+
+Multi-host (after `jax.distributed.initialize()`): every process builds the same
+`ShardedDecoder`, calls it the same number of times with its own rows of each global batch
+(`local_rows`), and gets back its rows of the images. Nothing is gathered across hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxconsdec import layout as layouts
+from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
+from jaxconsdec.sampler import _as_typed_key, _check_latents, _decode, _unwrap_variables
+from jaxconsdec.schedule import timesteps_for
+from jaxconsdec.weights import check_params
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None, axis: str = DATA_AXIS) -> Mesh:
+  """A 1-D mesh over all devices of all processes (or the given ones), named `axis`."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (axis,))
+
+
+def replicate(params, mesh: Mesh):
+  """Puts a host or device param tree on every device of `mesh` (works across processes:
+  each process supplies the same values for its own devices)."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(put, params)
+
+
+class ShardedDecoder:
+  """Decodes global batches sharded over `mesh`'s data axis.
+
+    decoder = ShardedDecoder(params, mesh=data_mesh(), config=cfg, schedule=(1.0, 0.5))
+    images = decoder.decode(latents, key)               # one process: all examples at once
+
+  `images[i]` equals `decode(params, latents[i:i+1], example_keys(key, n)[i:i+1])`.
+  """
+
+  def __init__(self, params, *, mesh: Optional[Mesh] = None,
+               config: UNetConfig = CONSISTENCY_DECODER, schedule: Sequence[float] = (1.0, 0.5),
+               clamp: bool = True, layout: str = "NCHW", axis: str = DATA_AXIS):
+    layouts.check_layout(layout)
+    self.mesh = data_mesh() if mesh is None else mesh
+    self.axis, self.config, self.layout = axis, config, layout
+    params = _unwrap_variables(params)
+    check_params(params, config)
+    self.params = replicate(params, self.mesh)
+    self._program = _program(self.mesh, axis, config, timesteps_for(schedule), bool(clamp),
+                             layout)
+
+  @property
+  def num_shards(self) -> int:
+    """Devices along the data axis: a global batch must be a multiple of this."""
+    return self.mesh.shape[self.axis]
+
+  def global_batch(self, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the data axis."""
+    return -(-max(batch_size, 1) // self.num_shards) * self.num_shards
+
+  def local_rows(self, global_batch: int) -> slice:
+    """The rows of each global batch that this process supplies and gets back."""
+    sharding = NamedSharding(self.mesh, P(self.axis))
+    starts = sorted({index[0].start or 0 for index in
+                     sharding.addressable_devices_indices_map((global_batch,)).values()})
+    per_device = global_batch // self.num_shards
+    if starts != list(range(starts[0], starts[0] + per_device * len(starts), per_device)):
+      raise ValueError("this process's devices hold non-contiguous rows of the data axis;"
+                       " build the mesh with devices grouped by process (data_mesh does)")
+    return slice(starts[0], starts[0] + per_device * len(starts))
+
+  def __call__(self, local_latents, local_indices, key, global_batch: int):
+    """Decodes one global batch from this process's rows.
+
+    Args:
+      local_latents: this process's `local_rows(global_batch)` rows, raw latents in `layout`.
+      local_indices: their global example indices (int), which choose their noise.
+      key: the job's base key (or int seed); the same on every process.
+      global_batch: the global batch size, a multiple of `num_shards`.
+
+    Returns:
+      (images, finite, all_finite): this process's rows of the float32 images in `layout`
+      and, per row, whether its latents were all finite (numpy arrays on the host); and
+      whether every row of the *global* batch was, the same answer on every process.
+    """
+    rows = self.local_rows(global_batch)
+    n = rows.stop - rows.start
+    local_latents = np.asarray(local_latents)
+    if local_latents.shape[0] != n or len(local_indices) != n:
+      raise ValueError(f"this process supplies {n} rows of a global batch of {global_batch};"
+                       f" got {local_latents.shape[0]} latents and {len(local_indices)} indices")
+    data = NamedSharding(self.mesh, P(self.axis))
+    global_shape = (global_batch,) + local_latents.shape[1:]
+    latents = jax.make_array_from_process_local_data(data, local_latents, global_shape)
+    indices = jax.make_array_from_process_local_data(
+        data, np.asarray(local_indices, np.uint32), (global_batch,))
+    key_data = jax.random.key_data(_as_typed_key(key))
+    images, finite, all_finite = self._program(self.params, latents, indices, key_data)
+    return _local(images), _local(finite), bool(all_finite.addressable_data(0))
+
+  def decode(self, latents, key, *, start: int = 0, batch_size: Optional[int] = None):
+    """One process: decodes all `latents` (B, ...) in global batches of `batch_size` (default:
+    all of them, padded up to a multiple of the device count). Example i is global index
+    `start + i`. Returns float32 images as one numpy array."""
+    if jax.process_count() > 1:
+      raise ValueError("decode() feeds every row from this process; with several processes"
+                       " call the decoder with each process's local_rows instead")
+    latents = np.asarray(latents)
+    b, _, _ = _check_latents(latents, self.layout, self.config)
+    step = self.global_batch(batch_size or b)
+    out = []
+    for first in range(0, b, step):
+      chunk = latents[first:first + step]
+      pad = step - len(chunk)
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      indices = start + first + np.arange(step)
+      images, _, _ = self(chunk, indices, key, step)
+      out.append(images[:step - pad])
+    return np.concatenate(out)
+
+
+def _local(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order (replicas counted once)."""
+  shards = {}
+  for shard in array.addressable_shards:
+    shards.setdefault(shard.index[0].start or 0, shard)
+  return np.concatenate([np.asarray(shards[s].data) for s in sorted(shards)])
+
+
+@functools.lru_cache(maxsize=None)
+def _program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ...],
+             clamp: bool, layout: str):
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+
+  def run(params, latents, indices, key_data):
+    base = jax.random.wrap_key_data(key_data)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+    finite = jnp.all(jnp.isfinite(latents.astype(jnp.float32)), axis=(1, 2, 3))
+    # A non-finite row would only poison its own image (nothing mixes across examples), but
+    # zeros keep the program's numerics tidy; the caller drops that row via `finite`.
+    latents = jnp.where(finite[:, None, None, None], latents, 0)
+    images = _decode(params, latents, keys, None, config=config, timesteps=timesteps,
+                     clamp=clamp, layout=layout)
+    return images, finite, jnp.all(finite)
+
+  return jax.jit(run, in_shardings=(replicated, data, data, replicated),
+                 out_shardings=(data, data, replicated))
