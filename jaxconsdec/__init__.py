@@ -12,7 +12,8 @@ from jaxconsdec.sampler import decode, example_keys, prepare_latents
 from jaxconsdec.schedule import TABLES, timesteps_for
 from jaxconsdec.unet import UNet
 from jaxconsdec.weights import (ParamsMismatchError, abstract_params, check_params,
-                                param_count, params_from_torch, torch_key_to_path)
+                                param_count, params_from_torch, random_params,
+                                torch_key_to_path)
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,6 @@ __all__ = [
     "CONSISTENCY_DECODER", "TINY", "UNetConfig", "UNet", "decode", "example_keys",
     "prepare_latents", "TABLES", "timesteps_for", "to_uint8", "save_png",
     "ParamsMismatchError", "abstract_params", "check_params", "param_count",
-    "params_from_torch", "torch_key_to_path", "load", "CheckpointError", "__version__",
+    "params_from_torch", "random_params", "torch_key_to_path", "load", "CheckpointError",
+    "__version__",
 ]

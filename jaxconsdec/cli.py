@@ -33,8 +33,7 @@ def _sample(args: argparse.Namespace) -> int:
   # Sample latents: a smooth random field at the scale of raw SD latents (std ~ 1/0.18215).
   latents = jax.random.normal(jax.random.key(args.seed + 1), (1, 4, h, h)) / jcd.sampler.LATENT_SCALE
   start = time.perf_counter()
-  params = jcd.UNet(config).init(jax.random.key(args.seed), jnp.zeros((1, 8, 8, config.in_channels)),
-                                 jnp.zeros((1,), jnp.int32))["params"]
+  params = jcd.random_params(config, seed=args.seed)
   images = jcd.decode(params, latents, args.seed, config=config, schedule=schedule)
   images.block_until_ready()
   jcd.save_png(args.output, jnp.transpose(images[0], (1, 2, 0)))
@@ -152,18 +151,13 @@ def _weights_arg(args):
   """-> (params, config, identity string recorded with the job's outputs)."""
   import hashlib
 
-  import jax
-  import jax.numpy as jnp
-
   import jaxconsdec as jcd
   if args.random_weights:
     config = _config_arg(args.random_weights)
     print(f"WARNING: --random-weights: the {args.random_weights} UNet is RANDOMLY INITIALISED."
           " The images are noise-like, not decoded pictures; this only shows the job runs."
           " Pass --weights with converted weights for real images.", file=sys.stderr)
-    params = jcd.UNet(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, config.in_channels)),
-                                   jnp.zeros((1,), jnp.int32))["params"]
-    return params, config, f"random-init:{args.random_weights}"
+    return jcd.random_params(config, seed=0), config, f"random-init:{args.random_weights}"
   if not args.weights:
     raise ValueError("no weights: pass --weights CKPT (a folder made by `jaxconsdec convert`,"
                      " or decoder.pt / a *.safetensors file), or --random-weights tiny for a"

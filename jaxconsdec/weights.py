@@ -182,3 +182,28 @@ def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig) -> dict
   _raise_mismatch(f"weights do not match the model config {config}:",
                   missing, sorted(unexpected), wrong_shape, wrong_dtype)
   return flax.traverse_util.unflatten_dict(out)
+
+
+def random_params(config: UNetConfig, seed: int = 0) -> dict:
+  """Random weights for `config`, drawn on the host without compiling the model.
+
+  For smoke tests and benchmarks only: kernels ~ N(0, 1/fan_in) (activations keep their
+  scale through the network), norm scales 1, biases 0, the time-embedding table N(0, 1).
+  `UNet.init` gives Flax's initialisers instead but compiles a forward pass (10 s+ on CPU).
+  """
+  rng = np.random.default_rng(seed)
+  dtype = jnp.dtype(config.param_dtype)
+
+  def draw(path, leaf):
+    if path[-1] == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+    elif path[-1] == "embedding":
+      value = rng.standard_normal(leaf.shape, np.float32)
+    elif path[-1] == "scale":
+      value = np.ones(leaf.shape, np.float32)
+    else:
+      value = np.zeros(leaf.shape, np.float32)
+    return jnp.asarray(value, dtype)
+  flat = _flat(abstract_params(config))
+  return flax.traverse_util.unflatten_dict({p: draw(p, leaf) for p, leaf in flat.items()})

@@ -17,8 +17,7 @@ CFG = jcd.TINY
 
 @pytest.fixture(scope="module")
 def params():
-  return jcd.UNet(CFG).init(jax.random.key(0), np.zeros((1, 8, 8, CFG.in_channels)),
-                            np.zeros((1,), np.int32))["params"]
+  return jcd.random_params(CFG, seed=0)
 
 
 def _latents(seed, *shape):
@@ -153,3 +152,14 @@ def test_weights_problems_fail_before_any_work(tmp_path, capsys):
   assert "neither a TorchScript archive" in err
   assert "not a jaxconsdec checkpoint" in err
   assert not out.exists()
+
+
+def test_readme_first_command_decodes_the_shipped_sample_latents(tmp_path, capsys):
+  samples = os.path.join(os.path.dirname(__file__), "..", "samples", "latents")
+  assert cli.main(["decode", samples, "-o", str(tmp_path / "decoded"), "--random-weights",
+                   "tiny", "--no-compile-cache"]) == 0
+  assert "RANDOMLY INITIALISED" in capsys.readouterr().err
+  assert _outputs(tmp_path / "decoded") == [
+      "batch-0.png", "batch-1.png", "batch-2.png", "batch-3.png", "batch-4.png",
+      "jaxconsdec-job.json", "mixed-small-0.png", "mixed-small-1.png", "mixed-wide.png",
+      "portrait.png"]

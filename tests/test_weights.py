@@ -115,3 +115,16 @@ def test_params_for_another_config_are_refused_by_decode():
     jcd.decode(params, latents, 0, config=jcd.TINY.replace(block_out_channels=(32, 64, 64, 128)))
   with pytest.raises(jcd.ParamsMismatchError, match="missing"):
     jcd.decode(params, latents, 0, config=jcd.TINY.replace(layers_per_block=3))
+
+
+def test_random_params_fit_the_config_without_compiling():
+  cfg = jcd.TINY.replace(param_dtype="bfloat16")
+  params = jcd.random_params(cfg, seed=1)
+  jcd.check_params(params, cfg)
+  leaves = jax.tree.leaves(params)
+  assert {str(x.dtype) for x in leaves} == {"bfloat16"}
+  kernel = np.asarray(params["conv_in"]["kernel"], np.float32)
+  fan_in = np.prod(kernel.shape[:-1])
+  assert abs(kernel.std() * np.sqrt(fan_in) - 1) < 0.1  # N(0, 1/fan_in)
+  again = jcd.random_params(cfg, seed=1)
+  assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(again)))
