@@ -166,3 +166,45 @@ def _program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ..
 
   return jax.jit(run, in_shardings=(replicated, data, data, replicated),
                  out_shardings=(data, data, replicated))
+
+
+SPACE_AXIS = "space"
+
+
+def decode_spatial(params, latents, key, *, mesh: Optional[Mesh] = None,
+                   config: UNetConfig = CONSISTENCY_DECODER,
+                   schedule: Sequence[float] = (1.0, 0.5), clamp: bool = True,
+                   layout: str = "NCHW", axis: str = SPACE_AXIS) -> jax.Array:
+  """Decodes images too large for one device by sharding their *height* over `mesh`'s `axis`.
+
+  Same arguments and result as `decode` (a single key or one per example). XLA partitions
+  the convolutions (exchanging a halo of rows between neighbours) and turns each GroupNorm's
+  statistics into a cross-device reduction, so the result equals the unsharded decode up to
+  float summation order. Noise is drawn with JAX's partitionable threefry: each device draws
+  its own rows of the same numbers. The latent height must divide by the axis size.
+  """
+  from jaxconsdec.sampler import _batch_keys  # the sampler's own key handling
+  layouts.check_layout(layout)
+  mesh = data_mesh(axis=axis) if mesh is None else mesh
+  b, h, _ = _check_latents(latents, layout, config)
+  n = mesh.shape[axis]
+  if h % n:
+    raise ValueError(f"latent height {h} does not divide over {n} devices on mesh axis"
+                     f" {axis!r}; pad the latents or use a divisor of {h}")
+  params = _unwrap_variables(params)
+  check_params(params, config)
+  keys = _batch_keys(key, b)
+  return _spatial_program(mesh, axis, config, timesteps_for(schedule), bool(clamp), layout)(
+      replicate(params, mesh), latents, keys)
+
+
+@functools.lru_cache(maxsize=None)
+def _spatial_program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ...],
+                     clamp: bool, layout: str):
+  rows = NamedSharding(mesh, P(None, None, axis) if layout == "NCHW" else P(None, axis))
+  replicated = NamedSharding(mesh, P())
+
+  def run(params, latents, keys):
+    return _decode(params, latents, keys, None, config=config, timesteps=timesteps,
+                   clamp=clamp, layout=layout)
+  return jax.jit(run, in_shardings=(replicated, rows, replicated), out_shardings=rows)
