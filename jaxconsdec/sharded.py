@@ -177,7 +177,7 @@ def decode_spatial(params, latents, key, *, mesh: Optional[Mesh] = None,
                    layout: str = "NCHW", axis: str = SPACE_AXIS) -> jax.Array:
   """Decodes images too large for one device by sharding their *height* over `mesh`'s `axis`.
 
-  Same arguments and result as `decode` (a single key or one per example). XLA partitions
+  Arguments and result as `decode` (one key or one per example; no `noise`). XLA partitions
   the convolutions (exchanging a halo of rows between neighbours) and turns each GroupNorm's
   statistics into a cross-device reduction, so the result equals the unsharded decode up to
   float summation order. Noise is drawn with JAX's partitionable threefry: each device draws

@@ -77,20 +77,27 @@ def test_nhwc_layout_is_the_same_decode():
   np.testing.assert_allclose(nhwc, np.asarray(nchw).transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_compute_against_fp32_reference():
+@pytest.mark.parametrize("dtype,param_dtype,file_dtype", [
+    ("bfloat16", "float32", None),        # bf16 compute, fp32 params
+    ("bfloat16", "bfloat16", None),       # everything the UNet holds in bf16
+    ("bfloat16", "float16", "float16"),   # fp16 params exactly as an fp16 weight file holds
+    ("float16", "float16", "float16"),    # fp16 compute too
+])
+def test_reduced_precision_against_fp32_reference(dtype, param_dtype, file_dtype):
   cfg, latents, rng = _setup(seed=31)
   ref = diffusers_unet(cfg, seed=31)
   noises = _noise(rng, 2, (2, 3, 32, 48))
   want = original_decode(ref, torch.from_numpy(latents), (1.0, 0.5),
                          [torch.from_numpy(n) for n in noises])
   sd = state_dict_numpy(ref)
-  for param_dtype in ("float32", "bfloat16"):
-    bf16 = cfg.replace(dtype="bfloat16", param_dtype=param_dtype)
-    got = jcd.decode(jcd.params_from_torch(sd, bf16), latents, 0, config=bf16, noise=noises)
-    assert got.dtype == jnp.float32
-    err = rel_err(got, want)
-    print(f"\nbf16 compute, {param_dtype} params vs fp32 torch: rel err {err:.3e}")
-    assert 1e-6 < err <= BF16_TOL  # > 1e-6: bf16 really was used
+  if file_dtype:
+    sd = {k: v.astype(file_dtype) for k, v in sd.items()}  # what the fp16 files hold
+  low = cfg.replace(dtype=dtype, param_dtype=param_dtype)
+  got = jcd.decode(jcd.params_from_torch(sd, low), latents, 0, config=low, noise=noises)
+  assert got.dtype == jnp.float32
+  err = rel_err(got, want)
+  print(f"\n{dtype} compute, {param_dtype} params vs fp32 torch: rel err {err:.3e}")
+  assert 1e-6 < err <= BF16_TOL  # > 1e-6: the reduced precision really was used
 
 
 def test_example_decoded_alone_equals_it_in_a_batch():
