@@ -87,7 +87,7 @@ def run_job(decoder: ShardedDecoder, inputs: Sequence[str], out_dir: str,
   pending = [item for item, d in zip(items, done) if not d]
   bar = _Progress(len(pending), enabled=progress and lead)
   decoded, stopped = 0, False
-  for hw, group in _by_size(pending).items():
+  for group in _by_size(pending).values():
     count, bad, stopped = _decode_group(decoder, group, out_dir, settings, batch_size, strict,
                                         bar)
     decoded += count

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jaxconsdec import layout as layouts
+from jaxconsdec.convert.formats import SAFETENSORS_DTYPES
 
 EXTENSIONS = (".npy", ".npz", ".safetensors")
 
@@ -132,12 +133,8 @@ def _array_headers(path: str) -> list[tuple[str, tuple[int, ...], np.dtype]]:
   from safetensors import safe_open
   with safe_open(path, framework="numpy") as handle:
     return [(k, tuple(handle.get_slice(k).get_shape()),
-             _SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype(), np.dtype("O")))
+             SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype(), np.dtype("O")))
             for k in handle.keys()]
-
-
-_SAFETENSORS_DTYPES = {"F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
-                       "F64": np.dtype(np.float64)}
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconsdec import layout as layouts
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
-from jaxconsdec.sampler import _as_typed_key, _check_latents, _decode, _unwrap_variables
+from jaxconsdec.sampler import (_as_typed_key, _batch_keys, _check_latents, _decode,
+                                _unwrap_variables)
 from jaxconsdec.schedule import timesteps_for
 from jaxconsdec.weights import check_params
 
@@ -183,7 +184,6 @@ def decode_spatial(params, latents, key, *, mesh: Optional[Mesh] = None,
   float summation order. Noise is drawn with JAX's partitionable threefry: each device draws
   its own rows of the same numbers. The latent height must divide by the axis size.
   """
-  from jaxconsdec.sampler import _batch_keys  # the sampler's own key handling
   layouts.check_layout(layout)
   mesh = data_mesh(axis=axis) if mesh is None else mesh
   b, h, _ = _check_latents(latents, layout, config)

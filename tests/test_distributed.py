@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxconsdec.images import TMP_PREFIX
 from jaxconsdec.sampler import LATENT_SCALE
+from simulated_devices import run_on_simulated_devices
 
 EIGHT_DEVICES = textwrap.dedent("""
     import jax, numpy as np, jaxconsdec as jcd
@@ -39,13 +40,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 
 def test_sharded_over_eight_devices_equals_single_device_per_example():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK" in proc.stdout
-  print(proc.stdout)
+  run_on_simulated_devices(EIGHT_DEVICES, 8)
 
 
 def _write_inputs(folder, n=12):

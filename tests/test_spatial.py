@@ -1,9 +1,8 @@
 """One image's height sharded over 4 simulated CPU devices equals the unsharded decode."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from simulated_devices import run_on_simulated_devices
 
 SPATIAL = textwrap.dedent("""
     import jax, numpy as np, jaxconsdec as jcd
@@ -37,10 +36,4 @@ SPATIAL = textwrap.dedent("""
 
 
 def test_height_sharded_decode_equals_unsharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SPATIAL], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK" in proc.stdout
-  print(proc.stdout)
+  run_on_simulated_devices(SPATIAL, 4)

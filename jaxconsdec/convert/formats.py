@@ -132,7 +132,7 @@ def _sniff(path: str) -> str:
 
 
 # safetensors dtype names -> numpy (bfloat16 through ml_dtypes, which jax installs).
-_SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in (
+SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in (
     ("F16", np.float16), ("F32", np.float32), ("F64", np.float64), ("BF16", ml_dtypes.bfloat16),
     ("I8", np.int8), ("I16", np.int16), ("I32", np.int32), ("I64", np.int64), ("U8", np.uint8),
     ("BOOL", np.bool_))}
@@ -157,15 +157,15 @@ def _safetensors_tensors(path: str):
     raise WeightFileError(f"{path}: not a valid safetensors file ({e}). Is it truncated? Compare"
                           " its size and SHA-256 with the published file.")
   data_start = 8 + header_len
-  unknown = sorted({header[k]["dtype"] for k in keys} - _SAFETENSORS_DTYPES.keys())
+  unknown = sorted({header[k]["dtype"] for k in keys} - SAFETENSORS_DTYPES.keys())
   if unknown:
     raise WeightFileError(f"{path}: tensors of dtype {', '.join(unknown)}, which no published"
                           " Consistency Decoder file has")
-  dtypes = sorted({str(_SAFETENSORS_DTYPES[header[k]["dtype"]]) for k in keys})
+  dtypes = sorted({str(SAFETENSORS_DTYPES[header[k]["dtype"]]) for k in keys})
 
   def reader(key):
     def read():
-      dtype = _SAFETENSORS_DTYPES[header[key]["dtype"]]
+      dtype = SAFETENSORS_DTYPES[header[key]["dtype"]]
       begin, _ = header[key]["data_offsets"]
       count = int(np.prod(shapes[key], dtype=np.int64))
       try:

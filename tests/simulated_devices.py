@@ -1,0 +1,18 @@
+"""Runs a snippet in a fresh Python whose CPU platform shows N devices (XLA's host flag only
+takes effect before JAX starts, hence the subprocess)."""
+
+import os
+import subprocess
+import sys
+
+
+def run_on_simulated_devices(code: str, count: int) -> str:
+  """Runs `code` on `count` simulated CPU devices; asserts it succeeded and printed OK."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK" in proc.stdout
+  print(proc.stdout)
+  return proc.stdout
