@@ -27,7 +27,7 @@ def main():
 
   import jaxconsdec as jcd
   from jaxconsdec import sharded
-  from jaxconsdec.sampler import _decode
+  from jaxconsdec.sampler import _top_level_decode
 
   rows = []
   for size in [int(s) for s in args.sizes.split(",")]:
@@ -39,9 +39,9 @@ def main():
       keys = jax.eval_shape(lambda: jcd.example_keys(0, 1))
       timesteps = jcd.timesteps_for((1.0, 0.5))
       start = time.perf_counter()
-      compiled = jax.jit(lambda p, x, k: _decode(p, x, k, None, config=cfg, timesteps=timesteps,
-                                                 clamp=True, layout="NCHW")).lower(
-          params, latents, keys).compile()
+      compiled = _top_level_decode(jax.default_backend()).lower(
+          params, latents, keys, None, config=cfg, timesteps=timesteps, clamp=True,
+          layout="NCHW").compile()
       rows.append(_row(size, dtype, 1, compiled, time.perf_counter() - start))
       print(_line(rows[-1]), flush=True)
       n = min(args.devices, jax.device_count())

@@ -14,6 +14,7 @@ from jaxconsdec.unet import UNet
 from jaxconsdec.weights import (ParamsMismatchError, abstract_params, check_params,
                                 param_count, params_from_torch, random_params,
                                 torch_key_to_path)
+from jaxconsdec.xla_options import compiler_options
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,5 @@ __all__ = [
     "prepare_latents", "TABLES", "timesteps_for", "to_uint8", "save_png",
     "ParamsMismatchError", "abstract_params", "check_params", "param_count",
     "params_from_torch", "random_params", "torch_key_to_path", "load", "CheckpointError",
-    "__version__",
+    "compiler_options", "__version__",
 ]

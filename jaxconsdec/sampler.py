@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconsdec import layout as layouts
+from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.schedule import NUM_TRAIN_TIMESTEPS, TABLES, timesteps_for
 from jaxconsdec.unet import UNet
@@ -168,7 +169,9 @@ def decode(params, latents, key, *, config: UNetConfig = CONSISTENCY_DECODER,
   out_shape = layouts.shape_in_layout(b, UPSAMPLE * h, UPSAMPLE * w, 3, layout)
   if noise is not None:
     noise = _check_noise(noise, len(timesteps), out_shape, layout)
-  return _decode(params, latents, keys, noise, config=config, timesteps=timesteps,
+  program = _decode if xla_options.is_traced(params, latents, keys, noise) else (
+      _top_level_decode(xla_options.platform_of(latents, keys)))
+  return program(params, latents, keys, noise, config=config, timesteps=timesteps,
                  clamp=bool(clamp), layout=layout)
 
 
@@ -188,8 +191,10 @@ def prepare_latents(latents: jax.Array, layout: str) -> jax.Array:
   return z.reshape(b, h * UPSAMPLE, w * UPSAMPLE, c)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "timesteps", "clamp", "layout"))
-def _decode(params, latents, keys, noise, *, config, timesteps, clamp, layout):
+_STATIC_ARGS = ("config", "timesteps", "clamp", "layout")
+
+
+def _decode_impl(params, latents, keys, noise, *, config, timesteps, clamp, layout):
   z = prepare_latents(latents, layout)
   b, height, width, _ = z.shape
   unet = UNet(config)
@@ -215,3 +220,14 @@ def _decode(params, latents, keys, noise, *, config, timesteps, clamp, layout):
         jnp.asarray(_step_coefficients(timesteps)))
   x, _ = jax.lax.scan(step, jnp.zeros((b, height, width, 3), jnp.float32), xs)
   return layouts.from_nhwc(x, layout)
+
+
+# Inside a caller's jit (or any other transform) `decode` runs `_decode`, which nests; at top
+# level it runs a jit carrying the platform's compiler options (`xla_options`), which cannot.
+_decode = jax.jit(_decode_impl, static_argnames=_STATIC_ARGS)
+
+
+@functools.lru_cache(maxsize=None)
+def _top_level_decode(platform: str):
+  return jax.jit(_decode_impl, static_argnames=_STATIC_ARGS,
+                 compiler_options=xla_options.compiler_options(platform))

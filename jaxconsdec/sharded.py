@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconsdec import layout as layouts
+from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.sampler import (_as_typed_key, _batch_keys, _check_latents, _decode,
                                 _unwrap_variables)
@@ -166,7 +167,7 @@ def _program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ..
     return images, finite, jnp.all(finite)
 
   return jax.jit(run, in_shardings=(replicated, data, data, replicated),
-                 out_shardings=(data, data, replicated))
+                 out_shardings=(data, data, replicated), compiler_options=_options(mesh))
 
 
 SPACE_AXIS = "space"
@@ -207,4 +208,9 @@ def _spatial_program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple
   def run(params, latents, keys):
     return _decode(params, latents, keys, None, config=config, timesteps=timesteps,
                    clamp=clamp, layout=layout)
-  return jax.jit(run, in_shardings=(replicated, rows, replicated), out_shardings=rows)
+  return jax.jit(run, in_shardings=(replicated, rows, replicated), out_shardings=rows,
+                 compiler_options=_options(mesh))
+
+
+def _options(mesh: Mesh) -> dict[str, str]:
+  return xla_options.compiler_options(mesh.devices.flat[0].platform)

@@ -133,9 +133,10 @@ def test_second_call_does_not_recompile_and_works_under_jit():
   params = jcd.UNet(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 7)),
                               jnp.zeros((1,), jnp.int32))["params"]
   first = jcd.decode(params, latents, 1, config=cfg)
-  compiled = sampler._decode._cache_size()
+  program = sampler._top_level_decode("cpu")
+  compiled = program._cache_size()
   again = jcd.decode(params, latents + 1.0, 1, config=cfg)
-  assert sampler._decode._cache_size() == compiled
+  assert program._cache_size() == compiled
   assert not np.array_equal(first, again)
 
   @jax.jit
@@ -145,3 +146,29 @@ def test_second_call_does_not_recompile_and_works_under_jit():
   inside = pipeline(params, jnp.asarray(latents), jax.random.key(1))
   assert inside.dtype == jnp.uint8
   assert np.abs(inside.astype(int) - np.asarray(jcd.to_uint8(first)).astype(int)).max() <= 1
+
+
+def test_cpu_programs_compile_without_ynnpack_fusions(monkeypatch):
+  """`xla_options`: top-level CPU programs (`decode`, the sharded decoders) leave YNNPACK's
+  fusions out, as they are slower on this model's convolutions. The nestable program keeps
+  XLA's default, which has them at these shapes, so the check can tell the two apart."""
+  from jaxconsdec import sharded
+  cfg, latents, _ = _setup(seed=35, batch=1, h=2, w=2)
+  params = jcd.random_params(cfg, 0)
+  keys = jcd.example_keys(0, 1)
+  static = dict(config=cfg, timesteps=(1008, 512), clamp=True, layout="NCHW")
+  hlo = lambda lowered: lowered.compile().as_text()
+  assert "__ynn_fusion" in hlo(sampler._decode.lower(params, latents, keys, None, **static))
+
+  used = []
+  top_level = sampler._top_level_decode
+  monkeypatch.setattr(sampler, "_top_level_decode", lambda p: used.append(p) or top_level(p))
+  jcd.decode(params, latents, 0, config=cfg)
+  assert used == ["cpu"]
+  assert "__ynn_fusion" not in hlo(top_level("cpu").lower(params, latents, keys, None, **static))
+
+  mesh = sharded.data_mesh()
+  program = sharded._program(mesh, sharded.DATA_AXIS, cfg, (1008, 512), True, "NCHW")
+  key_data = jax.random.key_data(jax.random.key(0))
+  assert "__ynn_fusion" not in hlo(program.lower(params, latents, np.arange(1), key_data))
+  assert jcd.compiler_options("gpu") == {} and jcd.compiler_options("cpu")

@@ -1,0 +1,93 @@
+"""One 3x3 convolution at a time: XLA with its default options, XLA with jaxconsdec's
+compiler options (`jaxconsdec/xla_options.py`), and PyTorch (NCHW and channels_last), on the
+shapes the UNet runs at a 256x256 decode. This is what chose jaxconsdec's CPU options.
+
+  python benchmarks/conv_kernels.py
+
+Prints GFLOP/s per shape (best of --repeats after a warm-up) and writes
+benchmarks/results/conv_kernels_<backend>.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+# (height = width, in channels, out channels): each UNet level's resnet and skip-concat convs.
+SHAPES = ((256, 320, 320), (256, 640, 320), (256, 640, 640), (128, 640, 640),
+          (128, 1280, 640), (64, 1024, 1024), (64, 2048, 1024), (32, 1024, 1024))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+
+  import jax
+  import torch
+  from jax import lax
+
+  import jaxconsdec as jcd
+
+  def conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def conv_valid(x, k):  # the same, padded by the caller
+    return lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  xla = {"xla_default": jax.jit(conv),
+         "xla_jaxconsdec": jax.jit(conv, compiler_options=jcd.compiler_options()),
+         "xla_default_valid": jax.jit(conv_valid)}
+  rng = np.random.default_rng(0)
+  rows = []
+  print("size   in->out   GFLOP | " + " | ".join(list(xla) + ["torch", "torch_cl"])
+        + "  (GFLOP/s)")
+  for size, cin, cout in SHAPES:
+    x = rng.standard_normal((1, size, size, cin), np.float32)
+    k = (rng.standard_normal((3, 3, cin, cout)) * 0.02).astype(np.float32)
+    flops = 2 * size * size * cin * cout * 9
+    row = dict(size=size, cin=cin, cout=cout, gflop=flops / 1e9)
+    xj, kj = jax.device_put(x), jax.device_put(k)
+    xp = jax.device_put(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+    for name, f in xla.items():
+      arg = xp if name.endswith("valid") else xj
+      row[name] = flops / _best(lambda: f(arg, kj).block_until_ready(), args.repeats) / 1e9
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
+    with torch.no_grad():
+      for name, inp in (("torch", xt), ("torch_cl", xt.to(memory_format=torch.channels_last))):
+        row[name] = flops / _best(lambda: torch.nn.functional.conv2d(inp, kt, padding=1),
+                                  args.repeats) / 1e9
+    rows.append(row)
+    print(f"{size:4d} {cin:5d}->{cout:<5d} {row['gflop']:6.1f} | " + " | ".join(
+        f"{row[name]:6.1f}" for name in list(xla) + ["torch", "torch_cl"]), flush=True)
+  result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "jax": jax.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "compiler_options": jcd.compiler_options(),
+            "command": "python benchmarks/conv_kernels.py " + " ".join(sys.argv[1:]),
+            "rows": rows}
+  os.makedirs("benchmarks/results", exist_ok=True)
+  with open(f"benchmarks/results/conv_kernels_{jax.default_backend()}.json", "w") as f:
+    json.dump(result, f, indent=2)
+
+
+def _best(fn, repeats: int) -> float:
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+if __name__ == "__main__":
+  main()

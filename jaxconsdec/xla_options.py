@@ -1,0 +1,44 @@
+"""The XLA compiler options jaxconsdec compiles its programs with, per platform.
+
+XLA:CPU in jaxlib 0.10 hands convolutions and dots to YNNPACK by default. On this model's
+3x3 convolutions YNNPACK reaches 140-166 GFLOP/s on a 2-core AMD EPYC (Zen 4), where XLA's
+own Eigen path reaches 190-210, level with PyTorch's oneDNN (`benchmarks/conv_kernels.py`);
+a VALID-padded convolution drops to 52. The whole 128x128 decode is 12% faster without it.
+So every CPU program jaxconsdec compiles turns the YNN fusions off. Other platforms get no
+options: a TPU or GPU compiler may refuse names it does not know.
+
+Options can only be set on a top-level `jax.jit`. `decode` called inside a caller's own
+`jax.jit` compiles with the caller's options; on CPU pass ours:
+
+    jax.jit(my_pipeline, compiler_options=jaxconsdec.compiler_options("cpu"))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # "" = no YNN fusion types
+
+
+def compiler_options(platform: Optional[str] = None) -> dict[str, str]:
+  """Options for `jax.jit(..., compiler_options=...)` on `platform` (default: JAX's default
+  backend)."""
+  platform = platform or jax.default_backend()
+  return dict(CPU_OPTIONS) if platform == "cpu" else {}
+
+
+def platform_of(*args: Any) -> str:
+  """The platform a top-level jit of `args` compiles for: that of the first committed
+  `jax.Array` among them, else JAX's default backend."""
+  for arg in args:
+    if isinstance(arg, jax.Array) and not isinstance(arg, jax.core.Tracer):
+      if getattr(arg, "committed", False):
+        return next(iter(arg.sharding.device_set)).platform
+  return jax.default_backend()
+
+
+def is_traced(*trees: Any) -> bool:
+  """Whether any leaf is a tracer, i.e. we are being called inside a caller's transform."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
