@@ -8,7 +8,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 
 import jaxconsdec as jcd
-from jaxconsdec.unet import ResnetBlock
+from jaxconsdec.unet import ResnetBlock, UpsampledConv
 from reference import diffusers_unet, flax_params_of, nchw, nhwc, randomize_, rel_err
 
 BLOCK_TOL = 1e-5
@@ -41,6 +41,31 @@ def test_resblock_matches_diffusers(c_in, c_out, resample, has_shortcut):
   assert got.shape == (2, int(16 * scale), int(16 * scale), c_out)
   err = rel_err(got, want)
   assert err <= BLOCK_TOL, f"relative error {err:.2e}"
+
+
+def test_upsampled_conv_is_conv_of_nearest_upsampled_input():
+  """The four-phase form against torch's conv2d(interpolate(x, x2 nearest)): odd, non-square
+  sizes (every border case), a width change, a bias; and it must spend < half the FLOPs."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, 5, 7, 12)).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, 12, 9)).astype(np.float32)
+  bias = rng.standard_normal(9).astype(np.float32)
+  with torch.no_grad():
+    up = torch.nn.functional.interpolate(nchw(x), scale_factor=2.0, mode="nearest")
+    want = torch.nn.functional.conv2d(up, torch.from_numpy(kernel).permute(3, 2, 0, 1),
+                                      torch.from_numpy(bias), padding=1)
+  module = UpsampledConv(9, jnp.float32, jnp.float32)
+  variables = {"params": {"kernel": kernel, "bias": bias}}
+  got = module.apply(variables, x)
+  assert got.shape == (2, 10, 14, 9)
+  assert rel_err(got, nhwc(want)) <= BLOCK_TOL
+
+  def naive(x):
+    return jax.lax.conv_general_dilated(
+        jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), kernel, (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  flops = lambda f: jax.jit(f).lower(x).compile().cost_analysis()["flops"]
+  assert flops(lambda x: module.apply(variables, x)) < 0.5 * flops(naive)
 
 
 def _tiny_unet_with_intermediates(seed, hw=32):
