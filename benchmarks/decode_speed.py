@@ -39,6 +39,8 @@ def main():
   parser.add_argument("--reference", default="fp32",
                       help="comma list of fp32, fp16, fp16-compile (channels_last + compile)")
   parser.add_argument("--tiny", action="store_true", help="tiny widths: a smoke run")
+  parser.add_argument("--out", help="result path without extension (default:"
+                      " benchmarks/results/decode_speed_<backend>[_tiny])")
   args = parser.parse_args()
 
   import jax
@@ -70,8 +72,9 @@ def main():
             "matmul_peak_tflops": peak / 1e12, "schedule": SCHEDULE, "tiny": args.tiny,
             "command": "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:]),
             "rows": rows}
-  os.makedirs("benchmarks/results", exist_ok=True)
-  stem = f"benchmarks/results/decode_speed_{jax.default_backend()}" + ("_tiny" if args.tiny else "")
+  stem = args.out or (f"benchmarks/results/decode_speed_{jax.default_backend()}"
+                      + ("_tiny" if args.tiny else ""))
+  os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
   with open(stem + ".json", "w") as f:
     json.dump(result, f, indent=2)
   table = _table(result)
@@ -109,7 +112,7 @@ def _matmul_peak(dtype: str) -> float:
   import jax.numpy as jnp
 
   import jaxconsdec as jcd
-  n = 8192 if jax.default_backend() == "gpu" else 2048
+  n = 8192 if jax.default_backend() == "gpu" else 4096
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a, compiler_options=jcd.compiler_options())
   f(a).block_until_ready()
