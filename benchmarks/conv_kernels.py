@@ -13,9 +13,10 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
+
+from timing import best_seconds
 
 # (height = width, in channels, out channels): each UNet level's resnet and skip-concat convs.
 SHAPES = ((256, 320, 320), (256, 640, 320), (256, 640, 640), (128, 640, 640),
@@ -57,12 +58,12 @@ def main():
     xp = jax.device_put(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
     for name, f in xla.items():
       arg = xp if name.endswith("valid") else xj
-      row[name] = flops / _best(lambda: f(arg, kj).block_until_ready(), args.repeats) / 1e9
+      row[name] = flops / best_seconds(lambda: f(arg, kj).block_until_ready(), args.repeats) / 1e9
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
     with torch.no_grad():
       for name, inp in (("torch", xt), ("torch_cl", xt.to(memory_format=torch.channels_last))):
-        row[name] = flops / _best(lambda: torch.nn.functional.conv2d(inp, kt, padding=1),
+        row[name] = flops / best_seconds(lambda: torch.nn.functional.conv2d(inp, kt, padding=1),
                                   args.repeats) / 1e9
     rows.append(row)
     print(f"{size:4d} {cin:5d}->{cout:<5d} {row['gflop']:6.1f} | " + " | ".join(
@@ -77,16 +78,6 @@ def main():
   os.makedirs("benchmarks/results", exist_ok=True)
   with open(f"benchmarks/results/conv_kernels_{jax.default_backend()}.json", "w") as f:
     json.dump(result, f, indent=2)
-
-
-def _best(fn, repeats: int) -> float:
-  fn()  # warm-up (and compile)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 if __name__ == "__main__":

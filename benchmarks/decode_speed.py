@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from timing import best_seconds
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 SPEC_TFLOP_PER_FORWARD_256 = 8.41  # SPEC section 6, scales with pixel count
@@ -115,13 +117,7 @@ def _matmul_peak(dtype: str) -> float:
   n = 8192 if jax.default_backend() == "gpu" else 4096
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a, compiler_options=jcd.compiler_options())
-  f(a).block_until_ready()
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / min(times)
+  return 2 * n ** 3 / best_seconds(lambda: f(a).block_until_ready(), 5)
 
 
 def _measure(cfg, params, references, size, batch, repeats, peak, torch_device):

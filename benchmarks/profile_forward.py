@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from timing import best_seconds
+
 
 def main():
   parser = argparse.ArgumentParser()
@@ -101,24 +103,14 @@ def _group_norm_timings(jcd) -> dict:
       f = jax.jit(lambda v, x: nn.silu(norm.apply(v, x)),
                   compiler_options=jcd.compiler_options())
       xj = jax.device_put(x)
-      row[name] = 1e3 * _best(lambda: f(variables, xj).block_until_ready())
+      row[name] = 1e3 * best_seconds(lambda: f(variables, xj).block_until_ready(), 7)
     norm = torch.nn.GroupNorm(32, channels)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
-      row["torch"] = 1e3 * _best(lambda: torch.nn.functional.silu(norm(xt)))
+      row["torch"] = 1e3 * best_seconds(lambda: torch.nn.functional.silu(norm(xt)), 7)
     rows[f"{size}x{size}x{channels}"] = row
     print(f"  {size}² x {channels}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
   return rows
-
-
-def _best(fn, repeats: int = 7) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 if __name__ == "__main__":
