@@ -79,15 +79,23 @@ def path_to_torch_key(path: tuple[str, ...]) -> str:
   return ".".join(names + [torch_leaf])
 
 
+# Axis order that turns a reference kernel into a Flax one: conv OIHW -> HWIO (no flip),
+# linear (out, in) -> (in, out). Other leaves keep their layout.
+_TO_FLAX_AXES = {"conv": (2, 3, 1, 0), "dense": (1, 0)}
+
+
 def torch_to_flax_layout(array: np.ndarray, kind: str, leaf: str) -> np.ndarray:
   """Reference tensor layout -> Flax: conv OIHW -> HWIO (no flip), linear (out, in) -> (in, out)."""
-  if leaf != "kernel":
-    return array
-  if kind == "conv":
-    return array.transpose(2, 3, 1, 0)
-  if kind == "dense":
-    return array.T
-  return array
+  axes = _TO_FLAX_AXES.get(kind) if leaf == "kernel" else None
+  return array if axes is None else array.transpose(axes)
+
+
+def torch_shape(flax_shape: tuple[int, ...], kind: str, leaf: str) -> tuple[int, ...]:
+  """The reference (PyTorch) shape of a param whose Flax shape is `flax_shape`."""
+  axes = _TO_FLAX_AXES.get(kind) if leaf == "kernel" else None
+  if axes is None:
+    return tuple(flax_shape)
+  return tuple(flax_shape[i] for i in np.argsort(axes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,13 +160,45 @@ def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig) -> dict
 
   Keys may carry the `decoder_unet.` prefix of `ConsistencyDecoderVAE`. Strict: raises one
   ParamsMismatchError listing every missing key, unexpected key, shape mismatch and non-float
-  tensor. Arrays are cast to `config.param_dtype`, one tensor at a time.
+  tensor. Every name and shape (and, for the converter's lazy files, dtype) is checked
+  *before* any tensor is read, so a file that declares a tensor of the wrong size is refused
+  without reading it. Arrays are then read and cast to `config.param_dtype` one at a time.
   """
-  want = _flat(abstract_params(config))
+  plan = _plan(state_dict, config)
   out: dict[tuple[str, ...], jax.Array] = {}
-  present = set()  # paths the weights hold, usable or not
+  wrong_dtype, wrong_shape = [], []
+  for key, (path, kind, want_torch) in plan.items():
+    array = np.asarray(state_dict[key])
+    if not _is_float_dtype(array.dtype):
+      wrong_dtype.append(f"{key}: {array.dtype}")
+      continue
+    if array.shape != want_torch:  # a plain mapping whose value differs from its .shape
+      wrong_shape.append(f"{key}: {tuple(array.shape)}, the model needs {want_torch}")
+      continue
+    out[path] = jnp.asarray(torch_to_flax_layout(array, kind, path[-1]), dtype=config.param_dtype)
+  _raise_mismatch(f"weights do not match the model config {config}:", [], [], wrong_shape,
+                  wrong_dtype)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _numpy_dtype(value):
+  """The numpy dtype of an array-like without converting it, or None (checked on reading)."""
+  try:
+    return np.dtype(value.dtype)
+  except (AttributeError, TypeError):
+    return None
+
+
+def _plan(state_dict: Mapping[str, Any], config: UNetConfig) -> dict:
+  """key -> (Flax path, kind, reference shape) for every tensor, checked without reading any
+  data: raises ParamsMismatchError listing every problem at once."""
+  want = _flat(abstract_params(config))
+  specs = getattr(state_dict, "specs", None)  # LazyTensors: declared (shape, dtype)
+  if specs is None:
+    specs = {k: (tuple(np.shape(v)), _numpy_dtype(v)) for k, v in state_dict.items()}
+  plan, present = {}, set()
   unexpected, wrong_shape, wrong_dtype = [], [], []
-  for key, value in state_dict.items():
+  for key, (shape, dtype) in specs.items():
     mapped = torch_key_to_path(key)
     if mapped is None or mapped[0] not in want:
       unexpected.append(key)
@@ -168,20 +208,18 @@ def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig) -> dict
       unexpected.append(f"{key} (a second tensor for {path_to_torch_key(path)})")
       continue
     present.add(path)
-    array = np.asarray(value)
-    if not _is_float_dtype(array.dtype):
-      wrong_dtype.append(f"{key}: {array.dtype}")
-      continue
-    array = torch_to_flax_layout(array, kind, path[-1])
-    if array.shape != want[path].shape:
-      wrong_shape.append(f"{key}: weights {tuple(array.shape)} -> Flax {array.shape},"
-                         f" model expects {want[path].shape}")
-      continue
-    out[path] = jnp.asarray(array, dtype=config.param_dtype)
+    want_torch = torch_shape(want[path].shape, kind, path[-1])
+    if dtype is not None and not _is_float_dtype(dtype):
+      wrong_dtype.append(f"{key}: {dtype}")
+    elif tuple(shape) != want_torch:
+      wrong_shape.append(f"{key}: the weights declare {tuple(shape)}, the model needs"
+                         f" {want_torch}")
+    else:
+      plan[key] = (path, kind, want_torch)
   missing = sorted(path_to_torch_key(p) for p in want.keys() - present)
   _raise_mismatch(f"weights do not match the model config {config}:",
                   missing, sorted(unexpected), wrong_shape, wrong_dtype)
-  return flax.traverse_util.unflatten_dict(out)
+  return plan
 
 
 def random_params(config: UNetConfig, seed: int = 0) -> dict:

@@ -79,7 +79,7 @@ def _corpus(tmp_path, marker):
       "negative size": (_archive(tmp_path / "i.pt", _tensor_pickle(size=(-2, 2))), "negative"),
       "enormous size": (_archive(tmp_path / "j.pt", _tensor_pickle(size=(1 << 40, 1 << 40),
                                                                    numel=1 << 33)),
-                        "implausibly large"),
+                        "more than the whole model"),
       "missing storage": (_archive(tmp_path / "k.pt", _tensor_pickle(key="7")),
                           "missing from the archive"),
       "short storage": (_archive(tmp_path / "l.pt", _tensor_pickle(), {"0": b"\0" * 8}),

@@ -14,20 +14,21 @@ Tensors are read lazily, one at a time, so a conversion never holds the file twi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Mapping
 from typing import Callable, Iterator, Optional, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from jaxconsdec.config import UNetConfig
 from jaxconsdec.convert.errors import WeightFileError
+from jaxconsdec.convert import safetensors_file
 from jaxconsdec.convert.torchscript import TorchScriptArchive
+from jaxconsdec.files import open_regular
 
 DIFFUSERS_PREFIX = "decoder_unet."
 EXTRA_PREFIXES = ("encoder.", "quant_conv.")
@@ -81,13 +82,21 @@ class SourceInfo:
 
 
 class LazyTensors(Mapping):
-  """name -> numpy array, each read from disk only when asked for."""
+  """name -> numpy array, each read from disk only when asked for.
 
-  def __init__(self, readers: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple]):
-    self._readers, self.shapes = readers, shapes
+  `specs[name]` is the (shape, dtype) the file *declares* for it, known without reading, so a
+  caller can check every tensor against the model before reading any (weights.py does).
+  """
+
+  def __init__(self, readers: dict[str, Callable[[], np.ndarray]],
+               specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
+    self._readers, self.specs = readers, specs
 
   def __getitem__(self, key):
     return self._readers[key]()
+
+  def __contains__(self, key):  # Mapping's default would read the tensor to find out
+    return key in self._readers
 
   def __iter__(self):
     return iter(self._readers)
@@ -97,7 +106,12 @@ class LazyTensors(Mapping):
 
   def update(self, other: "LazyTensors") -> None:
     self._readers.update(other._readers)
-    self.shapes.update(other.shapes)
+    self.specs.update(other.specs)
+
+  def subset(self, rename: dict[str, str]) -> "LazyTensors":
+    """The tensors named by `rename`'s keys, under its values."""
+    return LazyTensors({new: self._readers[old] for old, new in rename.items()},
+                       {new: self.specs[old] for old, new in rename.items()})
 
 
 @dataclasses.dataclass
@@ -109,8 +123,17 @@ class Weights:
 
 
 def sha256_of(path: str) -> str:
+  """SHA-256 of a file's content, hex. Remembered per (file, size, mtime), so a process that
+  both converts a file and names it in a job manifest reads it once."""
+  info = os.stat(path)
+  return _sha256(os.path.realpath(path), info.st_dev, info.st_ino, info.st_size,
+                 info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, *stat_key) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with open_regular(path) as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)
   return h.hexdigest()
@@ -118,7 +141,7 @@ def sha256_of(path: str) -> str:
 
 def _sniff(path: str) -> str:
   try:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
       head = f.read(16)
   except OSError as e:
     raise WeightFileError(f"{path}: cannot read ({e.strerror})")
@@ -131,57 +154,41 @@ def _sniff(path: str) -> str:
                         f" ({kind}). Expected decoder.pt or a *.safetensors weight file.")
 
 
-# safetensors dtype names -> numpy (bfloat16 through ml_dtypes, which jax installs).
-SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in (
-    ("F16", np.float16), ("F32", np.float32), ("F64", np.float64), ("BF16", ml_dtypes.bfloat16),
-    ("I8", np.int8), ("I16", np.int16), ("I32", np.int32), ("I64", np.int64), ("U8", np.uint8),
-    ("BOOL", np.bool_))}
-
-
 def _safetensors_tensors(path: str):
-  """-> ({name: reader}, {name: shape}, dtypes) of a safetensors file, reading no data yet.
+  """-> ({name: reader}, {name: (shape, dtype)}) of a safetensors file, reading no data yet.
 
-  safetensors validates the header (offsets inside the file, no overlaps, sizes agreeing with
-  shapes); the data is then read with plain reads into fresh arrays rather than through
-  safetensors' memory map, whose touched pages would count as a second copy of the file.
+  The header is checked against the file's real size first (safetensors_file.read_header);
+  the data is then read with plain reads into fresh arrays rather than through a memory
+  map, whose touched pages would count as a second copy of the file.
   """
-  from safetensors import safe_open  # numpy framework: no torch needed
   try:
-    with safe_open(path, framework="numpy") as handle:
-      keys = list(handle.keys())
-      shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-    with open(path, "rb") as f:
-      (header_len,) = struct.unpack("<Q", f.read(8))
-      header = json.loads(f.read(header_len))
-  except Exception as e:
+    with open_regular(path) as f:
+      entries = safetensors_file.read_header(f)
+  except OSError as e:
+    raise WeightFileError(f"{path}: cannot read ({e.strerror})")
+  except ValueError as e:
     raise WeightFileError(f"{path}: not a valid safetensors file ({e}). Is it truncated? Compare"
                           " its size and SHA-256 with the published file.")
-  data_start = 8 + header_len
-  unknown = sorted({header[k]["dtype"] for k in keys} - SAFETENSORS_DTYPES.keys())
+  unknown = sorted({e.dtype_name for e in entries.values() if e.dtype is None})
   if unknown:
     raise WeightFileError(f"{path}: tensors of dtype {', '.join(unknown)}, which no published"
                           " Consistency Decoder file has")
-  dtypes = sorted({str(SAFETENSORS_DTYPES[header[k]["dtype"]]) for k in keys})
 
   def reader(key):
     def read():
-      dtype = SAFETENSORS_DTYPES[header[key]["dtype"]]
-      begin, _ = header[key]["data_offsets"]
-      count = int(np.prod(shapes[key], dtype=np.int64))
       try:
-        with open(path, "rb") as f:
-          array = np.fromfile(f, dtype=dtype, count=count, offset=data_start + begin)
+        with open_regular(path) as f:
+          return safetensors_file.read_tensor(f, entries[key])
       except OSError as e:
         raise WeightFileError(f"{path}: cannot read tensor {key} ({e.strerror})")
-      if array.size != count:
-        raise WeightFileError(f"{path}: tensor {key} ends early (file truncated after checking?)")
-      return array.reshape(shapes[key])
+      except ValueError as e:
+        raise WeightFileError(f"{path}: tensor {key}: {e}")
     return read
-  return {k: reader(k) for k in keys}, shapes, dtypes
+  return {k: reader(k) for k in entries}, {k: (e.shape, e.dtype) for k, e in entries.items()}
 
 
-def _classify_safetensors(path: str, shapes: dict) -> str:
-  keys = set(shapes)
+def _classify_safetensors(path: str, specs: dict) -> str:
+  keys = set(specs)
   prefixed = {k for k in keys if k.startswith(DIFFUSERS_PREFIX)}
   extras = {k for k in keys if k.startswith(EXTRA_PREFIXES)}
   raw = {k for k in keys if k.startswith(("blocks.", "embed_image.", "embed_time.", "output."))}
@@ -200,7 +207,7 @@ def _classify_safetensors(path: str, shapes: dict) -> str:
                           " decoder_unet. prefix: not a published layout")
   if kinds:
     return kinds[0]
-  if keys == {"weight"} and len(shapes["weight"]) == 2:
+  if keys == {"weight"} and len(specs["weight"][0]) == 2:
     return "embedding"
   sample = ", ".join(sorted(keys)[:5])
   raise WeightFileError(f"{path}: a safetensors file with {len(keys)} tensors ({sample}...)"
@@ -214,65 +221,75 @@ def _source(path, fmt, count, dtypes) -> SourceInfo:
 def _read_one(path: str, config: UNetConfig):
   """-> (format, tensors under diffusers names or raw names, extras, SourceInfo, config.json)."""
   levels = len(config.block_out_channels)
+  empty = LazyTensors({}, {})
   if _sniff(path) == "zip":
-    archive = TorchScriptArchive(path)
-    base = next((k[:-len(RAW_MARKER)] for k in archive.tensors if k.endswith(RAW_MARKER)), None)
-    if base is None:
-      raise WeightFileError(f"{path}: a TorchScript archive, but without the decoder's"
-                            f" `{RAW_MARKER}` tensor: not OpenAI's decoder.pt")
-    readers, shapes, table = {}, {}, []
-    for name, ref in archive.tensors.items():
-      mapped = raw_to_diffusers(name[len(base):], levels) if name.startswith(base) else None
-      if mapped is None:
-        table.append(ref)
-        continue
-      readers[mapped] = (lambda r=ref: archive.read(r))
-      shapes[mapped] = ref.shape
-    table += archive.constants
-    want = (config.num_train_timesteps, config.block_out_channels[0])
-    candidates = [r for r in table if r.shape == want]
-    if len(candidates) == 1:
-      readers["time_proj.weight"] = lambda r=candidates[0]: archive.read(r)
-      shapes["time_proj.weight"] = want
-    elif len(candidates) > 1:
-      raise WeightFileError(f"{path}: {len(candidates)} tensors of shape {want} could be the"
-                            " time-embedding table; pass the right one with --embedding FILE")
-    dtypes = sorted({str(r.storage.dtype) for r in archive.tensors.values()})
-    info = _source(path, "torchscript", len(archive.tensors) + len(archive.constants), dtypes)
-    return "torchscript", LazyTensors(readers, shapes), LazyTensors({}, {}), info, None
-
-  tensors, shapes, dtypes = _safetensors_tensors(path)
-  fmt = _classify_safetensors(path, shapes)
-  info = _source(path, fmt, len(tensors), dtypes)
+    return _read_torchscript(path, config)
+  tensors = LazyTensors(*_safetensors_tensors(path))
+  fmt = _classify_safetensors(path, tensors.specs)
+  info = _source(path, fmt, len(tensors), sorted({str(d) for _, d in tensors.specs.values()}))
   if fmt == "embedding":
-    return fmt, LazyTensors({"time_proj.weight": tensors["weight"]},
-                            {"time_proj.weight": shapes["weight"]}), LazyTensors({}, {}), info, None
+    return fmt, tensors.subset({"weight": "time_proj.weight"}), empty, info, None
   if fmt == "diffusers":
-    unet = {k[len(DIFFUSERS_PREFIX):]: v for k, v in tensors.items() if k.startswith(DIFFUSERS_PREFIX)}
-    extras = {k: v for k, v in tensors.items() if not k.startswith(DIFFUSERS_PREFIX)}
-    config_json = None
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if os.path.exists(beside):
-      try:
-        with open(beside) as f:
-          config_json = json.load(f)
-      except (OSError, ValueError) as e:
-        raise WeightFileError(f"{beside}: unreadable config.json next to {path} ({e})")
-    return (fmt, LazyTensors(unet, {k[len(DIFFUSERS_PREFIX):]: shapes[k] for k in tensors
-                                    if k.startswith(DIFFUSERS_PREFIX)}),
-            LazyTensors(extras, {k: shapes[k] for k in extras}), info, config_json)
+    unet = tensors.subset({k: k[len(DIFFUSERS_PREFIX):] for k in tensors
+                           if k.startswith(DIFFUSERS_PREFIX)})
+    extras = tensors.subset({k: k for k in tensors if not k.startswith(DIFFUSERS_PREFIX)})
+    return fmt, unet, extras, info, _config_json_beside(path)
   if fmt == "raw":
-    readers, raw_shapes, unknown = {}, {}, []
-    for k, read in tensors.items():
-      mapped = raw_to_diffusers(k, levels)
-      if mapped is None:
-        unknown.append(k)
-        continue
-      readers[mapped], raw_shapes[mapped] = read, shapes[k]
-    for k in unknown:  # keep them, so strict loading reports them as unexpected
-      readers[k], raw_shapes[k] = tensors[k], shapes[k]
-    return fmt, LazyTensors(readers, raw_shapes), LazyTensors({}, {}), info, None
-  return fmt, LazyTensors(tensors, shapes), LazyTensors({}, {}), info, None
+    # Unknown names are kept as they are, so strict loading reports them as unexpected.
+    return (fmt, tensors.subset({k: raw_to_diffusers(k, levels) or k for k in tensors}), empty,
+            info, None)
+  return fmt, tensors, empty, info, None
+
+
+def _read_torchscript(path: str, config: UNetConfig):
+  from jaxconsdec.weights import param_count  # the model's size caps what the file may declare
+  levels = len(config.block_out_channels)
+  archive = TorchScriptArchive(path, max_elements=param_count(config))
+  base = next((k[:-len(RAW_MARKER)] for k in archive.tensors if k.endswith(RAW_MARKER)), None)
+  if base is None:
+    raise WeightFileError(f"{path}: a TorchScript archive, but without the decoder's"
+                          f" `{RAW_MARKER}` tensor: not OpenAI's decoder.pt")
+  readers, specs, table = {}, {}, []
+  for name, ref in archive.tensors.items():
+    mapped = raw_to_diffusers(name[len(base):], levels) if name.startswith(base) else None
+    if mapped is None:
+      table.append(ref)
+      continue
+    readers[mapped] = (lambda r=ref: archive.read(r))
+    specs[mapped] = (ref.shape, ref.storage.dtype)
+  table += archive.constants
+  want = (config.num_train_timesteps, config.block_out_channels[0])
+  candidates = [r for r in table if r.shape == want]
+  if len(candidates) == 1:
+    readers["time_proj.weight"] = lambda r=candidates[0]: archive.read(r)
+    specs["time_proj.weight"] = (want, candidates[0].storage.dtype)
+  elif len(candidates) > 1:
+    raise WeightFileError(f"{path}: {len(candidates)} tensors of shape {want} could be the"
+                          " time-embedding table; pass the right one with --embedding FILE")
+  dtypes = sorted({str(r.storage.dtype) for r in archive.tensors.values()})
+  info = _source(path, "torchscript", len(archive.tensors) + len(archive.constants), dtypes)
+  return "torchscript", LazyTensors(readers, specs), LazyTensors({}, {}), info, None
+
+
+MAX_CONFIG_JSON_BYTES = 1 << 20
+
+
+def _config_json_beside(path: str) -> Optional[dict]:
+  """The diffusers config.json in the weight file's folder, if there is one."""
+  beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  if not os.path.lexists(beside):
+    return None
+  try:
+    with open_regular(beside) as f:
+      text = f.read(MAX_CONFIG_JSON_BYTES + 1)
+    if len(text) > MAX_CONFIG_JSON_BYTES:
+      raise ValueError(f"larger than {MAX_CONFIG_JSON_BYTES} bytes")
+    config_json = json.loads(text)
+    if not isinstance(config_json, dict):
+      raise ValueError("not a JSON object")
+    return config_json
+  except (OSError, ValueError) as e:
+    raise WeightFileError(f"{beside}: unreadable config.json next to {path} ({e})")
 
 
 # diffusers ConsistencyDecoderVAE config.json field -> UNetConfig field.

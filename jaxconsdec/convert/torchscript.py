@@ -15,11 +15,13 @@ import dataclasses
 import io
 import pickle
 import zipfile
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
 
 from jaxconsdec.convert.errors import WeightFileError
+from jaxconsdec.files import open_regular
 
 # torch storage class name -> numpy dtype (little-endian).
 STORAGE_DTYPES = {
@@ -36,6 +38,9 @@ except ImportError:  # pragma: no cover
   del STORAGE_DTYPES["BFloat16Storage"]
 
 MAX_ELEMENTS = 1 << 34  # 16 G elements: far above any real tensor, far below overflow
+# The pickles describe the module tree (a few hundred KB in the released file). Their size
+# is capped before they are read: ZIP members can be deflate bombs.
+MAX_PICKLE_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +101,11 @@ class _Device(str):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  def __init__(self, data: bytes, folder: str, source: str):
+  def __init__(self, data: bytes, folder: str, source: str, max_elements: int):
     super().__init__(io.BytesIO(data))
     self.folder = folder
     self.source = source
+    self.max_elements = max_elements
     self.storages: dict[str, StorageRef] = {}
 
   def find_class(self, module: str, name: str):
@@ -129,8 +135,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _, stype, key, _location, numel = pid
     if not key.isalnum():
       raise WeightFileError(f"{self.source}: storage key {key!r:.50} is not a plain name")
-    if numel < 0 or numel > MAX_ELEMENTS:
-      raise WeightFileError(f"{self.source}: storage {key} claims {numel} elements")
+    if numel < 0 or numel > self.max_elements:
+      raise WeightFileError(
+          f"{self.source}: storage {key} claims {numel:,} elements, more than the whole model"
+          f" being built has ({self.max_elements:,}): a hostile or foreign file (or pass the"
+          " --config it was made for)")
     ref = StorageRef(self.folder, key, STORAGE_DTYPES[stype.name], numel)
     self.storages[key] = ref
     return ref
@@ -147,7 +156,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
       raise WeightFileError(f"{self.source}: tensor with a negative offset, size or stride"
                             f" (offset {offset}, size {tuple(size)}, stride {tuple(stride)})")
     count = int(np.prod(size, dtype=object)) if size else 1
-    if count > MAX_ELEMENTS:
+    if count > self.max_elements:
       raise WeightFileError(f"{self.source}: tensor of size {tuple(size)} is implausibly large")
     extent = 0 if count == 0 else 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if offset + extent > storage.numel:
@@ -160,12 +169,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class TorchScriptArchive:
   """Tensors of a TorchScript archive by attribute path, plus the code's tensor constants."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, max_elements: int = MAX_ELEMENTS):
+    """max_elements: the most elements any storage or tensor may declare; the converter
+    passes the model's parameter count, so nothing larger than the model is ever read."""
     self.path = path
+    self.max_elements = max_elements
     try:
-      self._zip = zipfile.ZipFile(path)
+      self._file = open_regular(path)
+    except OSError as e:
+      raise WeightFileError(f"{path}: cannot read ({e.strerror})")
+    try:
+      self._zip = zipfile.ZipFile(self._file)
       names = self._zip.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
+      self._file.close()
       raise WeightFileError(f"{path}: not a readable ZIP/TorchScript archive ({e}); is the"
                             " file truncated? Compare its size and SHA-256 with the source.")
     if not names or "/" not in names[0]:
@@ -180,9 +197,14 @@ class TorchScriptArchive:
       self.constants = [v for v in _flatten(self._unpickle("constants")) if isinstance(v, TensorRef)]
 
   def _unpickle(self, folder: str):
+    name = f"{self.root}/{folder}.pkl"
+    size = self._zip.getinfo(name).file_size  # what the member declares; reads stop there
+    if size > MAX_PICKLE_BYTES:
+      raise WeightFileError(f"{self.path}: {folder}.pkl declares {size:,} bytes, far more than"
+                            f" a module tree needs (at most {MAX_PICKLE_BYTES:,}): refused")
     try:
-      data = self._zip.read(f"{self.root}/{folder}.pkl")
-      unpickler = _RestrictedUnpickler(data, folder, self.path)
+      data = self._zip.read(name)
+      unpickler = _RestrictedUnpickler(data, folder, self.path, self.max_elements)
       obj = unpickler.load()
     except WeightFileError:
       raise
@@ -214,9 +236,12 @@ class TorchScriptArchive:
     itemsize = ref.storage.dtype.itemsize
     count = int(np.prod(ref.shape)) if ref.shape else 1
     extent = 0 if count == 0 else 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
-    with self._zip.open(name) as f:
-      f.seek(ref.offset * itemsize)
-      raw = f.read(extent * itemsize)
+    try:
+      with self._zip.open(name) as f:
+        f.seek(ref.offset * itemsize)
+        raw = f.read(extent * itemsize)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+      raise WeightFileError(f"{self.path}: storage {ref.storage.key} is unreadable ({e})")
     if len(raw) != extent * itemsize:
       raise WeightFileError(f"{self.path}: storage {ref.storage.key} ends early (truncated?)")
     flat = np.frombuffer(raw, dtype=ref.storage.dtype)
@@ -225,6 +250,7 @@ class TorchScriptArchive:
 
   def close(self):
     self._zip.close()
+    self._file.close()
 
 
 def _flatten(obj) -> Iterator[Any]:
