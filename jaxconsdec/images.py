@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxconsdec.files import open_regular, write_atomic
 
 
 def to_uint8(images):
@@ -33,25 +34,30 @@ def encode_png(pixels: np.ndarray) -> bytes:
             + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
 
   header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+  return (_PNG_SIGNATURE + chunk(b"IHDR", header)
           + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
-TMP_PREFIX = ".jaxconsdec-tmp-"  # what a killed writer can leave behind; safe to delete
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND") & 0xFFFFFFFF)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes to a temporary file beside `path`, then renames: never a half-written file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+def png_is_complete(path: str, width: int, height: int) -> bool:
+  """Whether `path` is a PNG of this size that was written to the end (signature, IHDR with
+  the size, and the IEND chunk last). Cheap: reads 33 bytes at the start and 12 at the end.
+  After a crash a renamed but unflushed file can be empty or cut short; it fails this."""
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+    with open_regular(path) as f:
+      head = f.read(33)
+      size = os.fstat(f.fileno()).st_size
+      if size < 33 + len(_PNG_END):
+        return False
+      f.seek(size - len(_PNG_END))
+      tail = f.read(len(_PNG_END))
+  except OSError:
+    return False
+  return (head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR"
+          and struct.unpack(">II", head[16:24]) == (width, height) and tail == _PNG_END)
 
 
 def save_png(path: str, image_hwc) -> None:

@@ -10,7 +10,17 @@ Output names are derived from input names, so they are stable from run to run:
     x.npz / x.safetensors, array "a"  -> x-a, or x-a-00 ... for a batch
     DIR/sub/x.npy                     -> sub/x   (a directory's tree is mirrored)
 
-Listing reads headers only; `LatentReader` reads one latent at a time, when it is decoded.
+Every file is treated as possibly hostile. Listing reads headers only and refuses, as a
+listed failure of that input:
+  - anything but a regular file (a FIFO would block forever, /dev/zero never ends);
+  - an array name that is not one plain file name ('/../x', 'a\\b', '..', NUL, ...), since
+    it becomes part of an output path;
+  - a header that declares more data than the file holds (a 384-byte file claiming
+    (1, 4, 100000, 100000)), checked before any data is read;
+  - a latent whose image would exceed `max_pixels` (the job would compile a program far
+    too large for any device).
+`LatentReader` then reads one latent (one row of a batch) at a time, so a batch file of any
+length never sits in memory whole.
 """
 
 from __future__ import annotations
@@ -18,14 +28,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
-from typing import Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 
 from jaxconsdec import layout as layouts
-from jaxconsdec.convert.formats import SAFETENSORS_DTYPES
+from jaxconsdec.convert import safetensors_file
+from jaxconsdec.files import TMP_PREFIX, open_regular, path_component_problem
+from jaxconsdec.sampler import UPSAMPLE
 
 EXTENSIONS = (".npy", ".npz", ".safetensors")
+# The largest image a job decodes unless told otherwise: 2048x2048 (a 256x256 latent). The
+# released model needs ~55 GiB of device memory for it in float32 (benchmarks/memory.py).
+DEFAULT_MAX_PIXELS = 2048 * 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,99 +68,169 @@ class Failure:
     return {"input": self.input, "reason": self.reason}
 
 
+@dataclasses.dataclass
+class Listing:
+  items: list[LatentItem]     # every latent to decode, in a stable order
+  failures: list[Failure]     # every input (file, array) refused, with its reason
+  hidden: int = 0             # dot-files and dot-folders skipped while walking folders
+
+
+class DeclaredSizeError(ValueError):
+  """A header declares more data than the file holds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayHeader:
+  """An array in a latent file as its header declares it (sizes checked against the file)."""
+  name: str                  # "" for .npy
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  offset: int                # where the data starts, in the file or in its .npz member
+  fortran: bool              # column-major data (np.save of a transposed array)
+
+
 def list_latents(inputs: Sequence[str], *, layout: str, channels: int = 4,
-                 size_multiple: int = 1) -> tuple[list[LatentItem], list[Failure]]:
+                 size_multiple: int = 1, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 exclude: Sequence[str] = ()) -> Listing:
   """Every latent the inputs hold, in a stable order, and every input that holds none.
 
   size_multiple: 8*h and 8*w must divide by it (the UNet's downsampling factor).
+  max_pixels: the largest image (8h * 8w pixels) accepted; None for no limit.
+  exclude: folders never walked into (the job's own OUT_DIR, when it lies inside an input).
   """
   layouts.check_layout(layout)
-  items, failures = [], []
-  for path, name in _files(inputs, failures):
+  listing = Listing([], [])
+  excluded = {os.path.realpath(p) for p in exclude}
+  for path, name in _files(inputs, listing, excluded):
     try:
-      arrays = _array_headers(path)
+      arrays = read_headers(path)
     except Exception as e:  # any parse error of a user's file is that file's failure
-      failures.append(Failure(path, _unreadable(path, e)))
+      listing.failures.append(Failure(path, _unreadable(path, e)))
       continue
     if not arrays:
-      failures.append(Failure(path, "holds no arrays"))
+      listing.failures.append(Failure(path, "holds no arrays"))
     single_array = path.endswith(".npy")
-    for array, shape, dtype in arrays:
-      where = path + ("" if single_array else f"[{array!r}]")
-      problem = _check_shape(shape, dtype, layout, channels, size_multiple)
+    for header in arrays:
+      where = path + ("" if single_array else f"[{header.name!r}]")
+      problem = (None if single_array else _array_name_problem(header.name)) or _check_shape(
+          header, layout, channels, size_multiple, max_pixels)
       if problem:
-        failures.append(Failure(where, problem))
+        listing.failures.append(Failure(where, problem))
         continue
-      stem = name if single_array else f"{name}-{array}"
-      hw = _hw(shape[-3:], layout)
-      if len(shape) == 3:
-        items.append(LatentItem(path, None if single_array else array, None, stem, hw))
+      stem = name if single_array else f"{name}-{header.name}"
+      if os.path.basename(stem).startswith(TMP_PREFIX):
+        listing.failures.append(Failure(where, f"output names starting with {TMP_PREFIX!r} are"
+                                               " reserved for the job's temporary files"))
+        continue
+      array = None if single_array else header.name
+      hw = _hw(header.shape[-3:], layout)
+      if len(header.shape) == 3:
+        listing.items.append(LatentItem(path, array, None, stem, hw))
       else:
-        width = len(str(shape[0] - 1))
-        items += [LatentItem(path, None if single_array else array, i, f"{stem}-{i:0{width}d}", hw)
-                  for i in range(shape[0])]
-  return _drop_name_clashes(items, failures), failures
+        width = len(str(header.shape[0] - 1))
+        listing.items += [LatentItem(path, array, i, f"{stem}-{i:0{width}d}", hw)
+                          for i in range(header.shape[0])]
+  listing.items = _drop_name_clashes(listing.items, listing.failures)
+  return listing
 
 
-def _files(inputs: Sequence[str], failures: list[Failure]):
+def _files(inputs: Sequence[str], listing: Listing, excluded: set[str]):
   """(path, output stem) of every latent file, directories walked in sorted order."""
   for given in inputs:
-    if os.path.isdir(given):
+    if os.path.isdir(given) and os.path.realpath(given) in excluded:
+      listing.failures.append(Failure(given, "this is the job's own output folder"))
+    elif os.path.isdir(given):
       found = 0
       for root, dirs, files in os.walk(given):
-        dirs.sort()
+        kept = []
+        for d in sorted(dirs):
+          if d.startswith("."):
+            listing.hidden += 1
+          elif os.path.realpath(os.path.join(root, d)) not in excluded:
+            kept.append(d)
+        dirs[:] = kept
         for f in sorted(files):
-          if f.endswith(EXTENSIONS) and not f.startswith("."):
+          if f.startswith("."):
+            listing.hidden += 1
+          elif f.endswith(EXTENSIONS):
             path = os.path.join(root, f)
             found += 1
             yield path, os.path.splitext(os.path.relpath(path, given))[0]
       if not found:
-        failures.append(Failure(given, f"directory holds no {', '.join(EXTENSIONS)} files"))
+        listing.failures.append(
+            Failure(given, f"directory holds no {', '.join(EXTENSIONS)} files"))
     elif not os.path.exists(given):
-      failures.append(Failure(given, "no such file or directory"))
+      listing.failures.append(Failure(given, "no such file or directory" + (
+          " (a symlink to a missing target)" if os.path.islink(given) else "")))
     elif not given.endswith(EXTENSIONS):
-      failures.append(Failure(given, f"not a latent file: expected {', '.join(EXTENSIONS)}"))
+      listing.failures.append(
+          Failure(given, f"not a latent file: expected {', '.join(EXTENSIONS)}"))
     else:
       yield given, os.path.splitext(os.path.basename(given))[0]
 
 
 def _unreadable(path: str, error: Exception) -> str:
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror  # e.g. "a FIFO (named pipe), not a regular file", "Permission denied"
   if os.path.isfile(path) and os.path.getsize(path) == 0:
     return "empty file"
+  if isinstance(error, DeclaredSizeError):
+    return str(error)
   return f"unreadable ({type(error).__name__}: {str(error)[:200]})"
 
 
-def _array_headers(path: str) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-  """[(name, shape, dtype)] of the arrays in a file, from headers only."""
-  if path.endswith(".npy"):
-    with open(path, "rb") as f:
-      shape, dtype = _npy_header(f)
-    return [("", shape, dtype)]
+def read_headers(path: str) -> list[ArrayHeader]:
+  """The arrays in a latent file, from headers only; every declared size is compared with
+  the bytes on disk. Raises (OSError, ValueError, ...) on a file that is not what it says."""
+  with open_regular(path) as f:
+    return _headers(f, path)
+
+
+def _headers(f: BinaryIO, path: str) -> list[ArrayHeader]:
   if path.endswith(".npz"):
-    out = []
-    with zipfile.ZipFile(path) as z:
-      for member in z.namelist():
-        if member.endswith(".npy"):
-          with z.open(member) as f:
-            shape, dtype = _npy_header(f)
-          out.append((member[:-len(".npy")], shape, dtype))
-    return out
-  from safetensors import safe_open
-  with safe_open(path, framework="numpy") as handle:
-    return [(k, tuple(handle.get_slice(k).get_shape()),
-             SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype(), np.dtype("O")))
-            for k in handle.keys()]
+    with zipfile.ZipFile(f) as z:
+      return [_npz_member_header(z, info) for info in z.infolist()
+              if info.filename.endswith(".npy")]
+  if path.endswith(".safetensors"):
+    return [ArrayHeader(name, e.shape, e.dtype if e.dtype is not None else np.dtype("O"),
+                        e.offset, False)
+            for name, e in safetensors_file.read_header(f).items()]
+  return [_npy_header(f, "", os.fstat(f.fileno()).st_size)]
 
 
-def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+def _npz_member_header(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> ArrayHeader:
+  with z.open(info) as member:  # reads stop at the size the member declares
+    return _npy_header(member, info.filename[:-len(".npy")], info.file_size)
+
+
+def _npy_header(f: BinaryIO, name: str, size: int) -> ArrayHeader:
+  """The header of an .npy stream whose total size is `size` bytes."""
   version = np.lib.format.read_magic(f)
   read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                  else np.lib.format.read_array_header_2_0)
-  shape, _, dtype = read_header(f)
-  return tuple(shape), np.dtype(dtype)
+  shape, fortran, dtype = read_header(f)
+  header = ArrayHeader(name, tuple(shape), np.dtype(dtype), f.tell(), bool(fortran))
+  need = _nbytes(header.shape, header.dtype)
+  if header.offset + need > size:
+    raise DeclaredSizeError(f"the header declares shape {header.shape} of {header.dtype} ({need:,}"
+                     f" bytes of data) but only {max(size - header.offset, 0):,} bytes follow it")
+  return header
 
 
-def _check_shape(shape, dtype, layout, channels, size_multiple) -> Optional[str]:
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+  return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _array_name_problem(name: str) -> Optional[str]:
+  problem = path_component_problem(name)
+  if problem:
+    return f"array name {name!r} cannot be part of an output name: {problem}"
+  return None
+
+
+def _check_shape(header: ArrayHeader, layout, channels, size_multiple,
+                 max_pixels) -> Optional[str]:
+  shape, dtype = header.shape, header.dtype
   want = "(4, h, w) or (B, 4, h, w)" if layout == "NCHW" else "(h, w, 4) or (B, h, w, 4)"
   if len(shape) not in (3, 4):
     return f"shape {shape} has rank {len(shape)}; a latent file holds {want} ({layout})"
@@ -161,10 +246,18 @@ def _check_shape(shape, dtype, layout, channels, size_multiple) -> Optional[str]
     return msg
   if 0 in shape:
     return f"shape {shape} is empty"
+  if header.fortran and len(shape) == 4:
+    return ("a Fortran-ordered (column-major) batch, whose rows are not stored one after"
+            " another; save it with np.ascontiguousarray(x)")
   h, w = _hw(shape[-3:], layout)
-  if (8 * h) % size_multiple or (8 * w) % size_multiple:
-    return (f"latent size {h}x{w} gives a {8 * h}x{8 * w} image, which does not divide by the"
-            f" UNet's downsampling factor {size_multiple}")
+  if max_pixels is not None and (UPSAMPLE * h) * (UPSAMPLE * w) > max_pixels:
+    return (f"latent size {h}x{w} gives a {UPSAMPLE * h}x{UPSAMPLE * w} image,"
+            f" {UPSAMPLE * h * UPSAMPLE * w / 1e6:.1f} megapixels, above the limit of"
+            f" {max_pixels / 1e6:.1f} (--max-pixels {max_pixels}); raise it if your devices"
+            " have the memory")
+  if (UPSAMPLE * h) % size_multiple or (UPSAMPLE * w) % size_multiple:
+    return (f"latent size {h}x{w} gives a {UPSAMPLE * h}x{UPSAMPLE * w} image, which does not"
+            f" divide by the UNet's downsampling factor {size_multiple}")
   return None
 
 
@@ -186,29 +279,51 @@ def _drop_name_clashes(items: list[LatentItem], failures: list[Failure]) -> list
 
 
 class LatentReader:
-  """Reads latents one at a time, keeping the last array open (rows of a batch are read in
-  order, so a batch file is opened once per global batch rather than once per row)."""
+  """Reads latents one at a time, keeping the last array's file open (rows of a batch are
+  read in order, so a batch file is opened once per global batch, not once per row, and
+  only one row is ever in memory)."""
 
   def __init__(self):
-    self._key, self._array = None, None
+    self._key, self._open = None, None
 
   def read(self, item: LatentItem) -> np.ndarray:
-    """The latent as float32, (4, h, w) or (h, w, 4) as stored. Raises on a bad file."""
-    array = self._open(item.path, item.array)
-    value = array if item.row is None else array[item.row]
-    return np.asarray(value, dtype=np.float32)
+    """The latent as float32, (4, h, w) or (h, w, 4) as stored. Raises on a bad file,
+    including one that changed since it was listed."""
+    stream, header = self._array(item.path, item.array)
+    rank = len(header.shape)
+    if (item.row is None) != (rank == 3) or (item.row is not None and item.row >= header.shape[0]):
+      raise ValueError(f"the file changed since it was listed: now of shape {header.shape}")
+    shape = header.shape if item.row is None else header.shape[1:]
+    count = int(np.prod(shape))
+    stream.seek(header.offset + (item.row or 0) * count * header.dtype.itemsize)
+    data = stream.read(count * header.dtype.itemsize)
+    if len(data) != count * header.dtype.itemsize:
+      raise ValueError("the data ends early (the file was truncated after listing)")
+    array = np.frombuffer(data, header.dtype).reshape(shape, order="F" if header.fortran else "C")
+    return array.astype(np.float32)
 
-  def _open(self, path: str, name: Optional[str]):
+  def _array(self, path: str, name: Optional[str]) -> tuple[BinaryIO, ArrayHeader]:
     if self._key != (path, name):
-      self._key, self._array = None, None
-      if path.endswith(".npy"):
-        self._array = np.load(path, mmap_mode="r", allow_pickle=False)
-      elif path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-          self._array = z[name]
-      else:
-        from safetensors import safe_open
-        with safe_open(path, framework="numpy") as handle:
-          self._array = handle.get_tensor(name)
-      self._key = (path, name)
-    return self._array
+      self.close()
+      file = open_regular(path)
+      try:
+        if path.endswith(".npz"):
+          archive = zipfile.ZipFile(file)
+          info = archive.getinfo(name + ".npy")
+          header = _npz_member_header(archive, info)
+          stream = archive.open(info)
+          self._open = (stream, archive, file)
+        else:
+          header = next(h for h in _headers(file, path) if h.name == (name or ""))
+          stream = file
+          self._open = (file,)
+      except BaseException:
+        file.close()
+        raise
+      self._key, self._header, self._stream = (path, name), header, stream
+    return self._stream, self._header
+
+  def close(self) -> None:
+    for handle in self._open or ():
+      handle.close()
+    self._key, self._open = None, None

@@ -19,7 +19,8 @@ def test_names_are_derived_from_inputs_and_directories_are_mirrored(tmp_path):
   np.savez(tmp_path / "in" / "pack.npz", a=_latents(4, 2, 2), b=_latents(2, 4, 2, 2))
   save_file({"x": _latents(4, 3, 3)}, str(tmp_path / "in" / "st.safetensors"))
   (tmp_path / "in" / "notes.txt").write_text("ignored inside a directory")
-  items, failures = list_latents([str(tmp_path / "in")], layout="NCHW")
+  listing = list_latents([str(tmp_path / "in")], layout="NCHW")
+  items, failures = listing.items, listing.failures
   assert failures == []
   names = [i.name for i in items]
   assert names == ["one", "pack-a", "pack-b-0", "pack-b-1", "st-x"] + [
@@ -42,7 +43,8 @@ def test_bad_inputs_are_named_with_a_reason(tmp_path):
   np.save(d / "odd.npy", _latents(4, 3, 3))
   inputs = [str(d / n) for n in ("rank2.npy", "three.npy", "ints.npy", "empty.npy",
                                  "garbage.npy", "nolatents", "x.txt", "missing.npy", "odd.npy")]
-  items, failures = list_latents(inputs, layout="NCHW", size_multiple=16)
+  listing = list_latents(inputs, layout="NCHW", size_multiple=16)
+  items, failures = listing.items, listing.failures
   assert items == []
   reasons = {os.path.basename(f.input): f.reason for f in failures}
   assert "rank 2" in reasons["rank2.npy"]
@@ -62,8 +64,9 @@ def test_layout_hint_and_name_clash(tmp_path):
   (tmp_path / "b").mkdir()
   np.save(tmp_path / "a" / "same.npy", _latents(4, 2, 2))
   np.save(tmp_path / "b" / "same.npy", _latents(4, 2, 2))
-  items, failures = list_latents([str(tmp_path / "hwc.npy"), str(tmp_path / "a"),
+  listing = list_latents([str(tmp_path / "hwc.npy"), str(tmp_path / "a"),
                                   str(tmp_path / "b")], layout="NCHW")
+  items, failures = listing.items, listing.failures
   assert [i.name for i in items] == ["same"]
   assert "fits --layout NHWC" in failures[0].reason
   assert "already taken" in failures[1].reason

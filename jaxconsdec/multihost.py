@@ -1,0 +1,71 @@
+"""Decisions that every process of a multi-host job must take together.
+
+In a multi-controller JAX job each process runs the same program and meets the others in
+collectives. A decision taken on one process alone (an error raised, a loop left early)
+leaves the others waiting in the next collective forever. So every decision that can differ
+between processes is first gathered here, and every process acts on the same answer.
+With one process these are plain local operations.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+
+def gather_json(value: Any) -> list[Any]:
+  """Every process's JSON-serialisable `value`, in process order (a collective)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(len(blob))))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(blob)] = blob
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(row[:int(n)].tobytes()) for n, row in zip(sizes, gathered)]
+
+
+def or_over_processes(flags: np.ndarray) -> np.ndarray:
+  """Element-wise OR of a bool array of the same shape on every process (a collective)."""
+  if jax.process_count() == 1:
+    return np.asarray(flags, bool)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(flags, bool))).any(axis=0)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a collective)."""
+  return any(gather_json(bool(flag)))
+
+
+def sum_over_processes(value: int) -> int:
+  return int(sum(gather_json(int(value))))
+
+
+def raise_together(error: Optional[BaseException],
+                   kinds: Sequence[type[BaseException]]) -> None:
+  """Raises on every process if `error` is set on any (a collective).
+
+  The process that failed re-raises its own exception; the others raise one of the same
+  kind (the first of `kinds` it is an instance of, else RuntimeError), saying which process
+  failed and why, so all of them stop at the same point with the same exit status.
+  """
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  report = None
+  if error is not None:
+    report = [[k.__name__ for k in type(error).__mro__], str(error)]
+  reports = gather_json(report)
+  if error is not None:
+    raise error
+  for process, report in enumerate(reports):
+    if report is not None:
+      names, message = report
+      kind = next((k for k in kinds if k.__name__ in names), RuntimeError)
+      raise kind(f"process {process} stopped the job: {message}")
