@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
-                              open_regular, path_component_problem, write_atomic)
+                              path_component_problem, read_json_object, write_atomic)
 from jaxconsdec.images import encode_png, png_is_complete, to_uint8
 from jaxconsdec.latent_files import (DEFAULT_MAX_PIXELS, Failure, LatentItem, LatentReader,
                                      list_latents, read_headers)
@@ -295,10 +295,7 @@ def _check_manifest(out_dir: str, settings: JobSettings) -> None:
     write_atomic(path, json.dumps(ours, indent=2, sort_keys=True).encode())
     return
   try:
-    with open_regular(path) as f:
-      theirs = json.loads(f.read(MAX_MANIFEST_BYTES))
-    if not isinstance(theirs, dict):
-      raise ValueError("not a JSON object")
+    theirs = read_json_object(path, MAX_MANIFEST_BYTES)
   except (OSError, ValueError) as e:
     raise JobMismatchError(f"{path} is unreadable ({e}): OUT_DIR holds something that is not"
                            " a jaxconsdec job. Use another -o, or delete that file.")

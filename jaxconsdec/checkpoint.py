@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
-from jaxconsdec.files import fsync_dir, fsync_tree, make_temp_dir, open_regular
+from jaxconsdec.files import fsync_dir, fsync_tree, make_temp_dir, read_json_object
 from jaxconsdec.weights import abstract_params, check_params, params_from_torch
 
 FORMAT_VERSION = 1
@@ -209,11 +209,7 @@ def read_meta(path: str) -> dict:
     raise CheckpointError(f"{path}: not a jaxconsdec checkpoint (no {META}). Convert the weights"
                           " first: jaxconsdec convert SRC -o OUT_DIR")
   try:
-    with open_regular(meta_path) as f:
-      text = f.read(MAX_META_BYTES + 1)
-    if len(text) > MAX_META_BYTES:
-      raise ValueError(f"larger than {MAX_META_BYTES:,} bytes")
-    meta = json.loads(text)
+    meta = read_json_object(meta_path, MAX_META_BYTES)
     UNetConfig.from_json(json.dumps(meta["config"]))
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata ({e})")

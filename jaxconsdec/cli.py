@@ -1,30 +1,51 @@
-"""The `jaxconsdec` command line. Parses flags and calls the library; nothing else."""
+"""The `jaxconsdec` command line. Parses and validates flags and calls the library.
+
+Exit status (the same for every command):
+  0    done, nothing failed
+  1    done, but some inputs failed: listed at the end and in OUT_DIR/failures.json
+  2    the command was wrong (a flag, the weights, what OUT_DIR holds), found before any work
+  3    stopped by the environment: disk full, permission denied, I/O error, out of memory
+  4    internal error, a bug in jaxconsdec: the traceback is printed
+  130  interrupted (Ctrl-C); nothing half-written is left behind
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
+import warnings
+
+from jaxconsdec.latent_files import DEFAULT_MAX_PIXELS
 
 PRESETS = ("released", "tiny")
+EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+MAX_SEED = 2**32 - 1  # JAX keys hold 32 bits of an int seed: larger seeds would collide
+
+
+class UsageError(Exception):
+  """The command was wrong (a flag, the weights): exit status 2."""
 
 
 def _sample(args: argparse.Namespace) -> int:
+  if args.size <= 0 or args.size % 8:
+    raise UsageError(f"--size must be a positive multiple of 8, got {args.size}")
+  _check_seed(args.seed)
+  config = _config_arg(args.model)
+  out_dir = os.path.dirname(os.path.abspath(args.output))
+  if not os.path.isdir(out_dir):
+    raise UsageError(f"output folder {out_dir} does not exist")
+  schedule = _schedule_arg(args.schedule)  # validate before the slow parts
   import jax
   import jax.numpy as jnp
 
   import jaxconsdec as jcd
-
-  if args.size <= 0 or args.size % 8:
-    print(f"error: --size must be a positive multiple of 8, got {args.size}", file=sys.stderr)
-    return 2
-  config = _config_arg(args.model)
-  out_dir = os.path.dirname(os.path.abspath(args.output))
-  if not os.path.isdir(out_dir):
-    print(f"error: output folder {out_dir} does not exist", file=sys.stderr)
-    return 2
-  schedule = _schedule_arg(args.schedule)  # validate before the slow parts
 
   print(f"WARNING: no weights are loaded. The '{args.model}' UNet "
         f"({jcd.param_count(config):,} parameters) is RANDOMLY INITIALISED, so the image is "
@@ -39,15 +60,19 @@ def _sample(args: argparse.Namespace) -> int:
   jcd.save_png(args.output, jnp.transpose(images[0], (1, 2, 0)))
   print(f"wrote {args.output}: {args.size}x{args.size}, {len(schedule)} step(s), "
         f"{time.perf_counter() - start:.1f} s including initialisation and compilation")
-  return 0
+  return EXIT_OK
 
 
 def _config_arg(value: str):
   import jaxconsdec as jcd
-  if value in ("released", "tiny"):
+  if value in PRESETS:
     return {"released": jcd.CONSISTENCY_DECODER, "tiny": jcd.TINY}[value]
-  with open(value) as f:
-    return jcd.UNetConfig.from_json(f.read())
+  try:
+    with open(value) as f:
+      return jcd.UNetConfig.from_json(f.read(1 << 20))
+  except (OSError, ValueError, TypeError) as e:
+    raise UsageError(f"--config {value}: not {' or '.join(PRESETS)}, nor a readable UNetConfig"
+                     f" JSON file ({e})")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -57,9 +82,9 @@ def _convert(args: argparse.Namespace) -> int:
   from jaxconsdec.convert import read_weights
   from jaxconsdec.weights import params_from_torch, param_count
 
-  if os.path.exists(args.output) and not args.force:
-    print(f"error: {args.output} exists; pass --force to replace it", file=sys.stderr)
-    return 2
+  # Everything that can be wrong with the command is found before the slow reading.
+  if checkpoint.check_replaceable(args.output) and not args.force:
+    raise UsageError(f"{args.output} exists; pass --force to replace it")
   config = _config_arg(args.config).replace(param_dtype=args.dtype)
   weights = read_weights(args.sources, config, args.embedding)
   for src in weights.sources:
@@ -77,26 +102,51 @@ def _convert(args: argparse.Namespace) -> int:
       node[leaf] = jax.numpy.asarray(weights.extras[name])  # jax leaves: see checkpoint._save_tree
   provenance = {"sources": [s.to_json() for s in weights.sources],
                 "converter": f"jaxconsdec {__version__}", "param_dtype": args.dtype}
-  checkpoint.save(args.output, params, config, provenance, extras, force=args.force)
+  stop = _ctrl_c_requests_stop("stopping: the partial checkpoint is removed once the file"
+                               " being written is closed")
+  checkpoint.save(args.output, params, config, provenance, extras, force=args.force,
+                  should_stop=stop.is_set)
+  if stop.is_set():
+    print("Ctrl-C came as the checkpoint was being completed: it is complete and kept",
+          file=sys.stderr)
   extra_note = f" and {len(weights.extras)} extra tensors (SD VAE encoder)" if extras else ""
   print(f"wrote {args.output}: {param_count(config):,} parameters in {args.dtype}{extra_note}")
-  return 0
+  return EXIT_OK
+
+
+def _ctrl_c_requests_stop(message: str) -> threading.Event:
+  """From now on Ctrl-C sets the returned Event instead of raising wherever it lands (in
+  the middle of a library's threads), so the work stops at a clean point. `main` puts the
+  usual handling back when the command returns."""
+  stop = threading.Event()
+
+  def handler(signum, frame):
+    if not stop.is_set():
+      print(message, file=sys.stderr)
+    stop.set()
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, handler)
+  return stop
 
 
 def _decode(args: argparse.Namespace) -> int:
+  _check_decode_flags(args)  # before anything is started, read or written
   # Order matters: the distributed runtime and the compilation cache are configured before
   # anything touches a JAX backend.
   _start_distributed(args)
   _configure_compile_cache(args)
   import jax
 
-  from jaxconsdec import batch
+  from jaxconsdec import batch, multihost
   from jaxconsdec.sharded import ShardedDecoder
 
   schedule = _schedule_arg(args.schedule)
-  if args.batch_size <= 0:
-    raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-  params, config, identity = _weights_arg(args)  # fails here, before any work, if wrong
+  error = None
+  try:
+    params, config, identity = _weights_arg(args)  # fails here, before any work, if wrong
+  except _usage_errors() + (OSError,) as e:
+    error = e
+  multihost.raise_together(error, _usage_errors() + (OSError,))  # no host waits for another
   lead = jax.process_index() == 0
   decoder = ShardedDecoder(params, config=config, schedule=schedule, layout=args.layout)
   if lead:
@@ -107,10 +157,44 @@ def _decode(args: argparse.Namespace) -> int:
                                layout=args.layout)
   report = batch.run_job(decoder, args.inputs, args.output, settings,
                          batch_size=args.batch_size, strict=args.strict,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress,
+                         max_pixels=args.max_pixels or None)
   if lead:
     _print_report(report, args.output)
-  return 1 if report.failures else 0
+  if report.environment_error:
+    return EXIT_ENVIRONMENT
+  return EXIT_INPUTS_FAILED if report.failures else EXIT_OK
+
+
+def _check_decode_flags(args) -> None:
+  _schedule_arg(args.schedule)
+  _check_seed(args.seed)
+  if args.batch_size <= 0:
+    raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+  if args.max_pixels < 0:
+    raise UsageError(f"--max-pixels must be positive (or 0 for no limit), got {args.max_pixels}")
+  for flag, path in (("-o", args.output), ("--compile-cache", args.compile_cache)):
+    if path and os.path.exists(path) and not os.path.isdir(path):
+      raise UsageError(f"{flag} {path} exists and is not a folder")
+  if args.num_processes is not None and args.num_processes < 1:
+    raise UsageError(f"--num-processes must be at least 1, got {args.num_processes}")
+  if args.process_id is not None and not (
+      0 <= args.process_id < (args.num_processes or args.process_id + 1)):
+    raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id}")
+  if args.coordinator is not None:
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise UsageError(f"--coordinator takes HOST:PORT, got {args.coordinator!r}")
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if any(v is None for v in explicit) and not all(v is None for v in explicit):
+    raise UsageError("give all of --coordinator, --num-processes and --process-id, or use"
+                     " --distributed to detect them (TPU pods, SLURM)")
+
+
+def _check_seed(seed: int) -> None:
+  if not 0 <= seed <= MAX_SEED:
+    raise UsageError(f"--seed must be in [0, {MAX_SEED}] (JAX keys hold 32 bits of a seed),"
+                     f" got {seed}")
 
 
 def _start_distributed(args) -> None:
@@ -118,9 +202,6 @@ def _start_distributed(args) -> None:
   if not args.distributed and all(v is None for v in explicit):
     return
   import jax
-  if any(v is None for v in explicit) and not all(v is None for v in explicit):
-    raise ValueError("give all of --coordinator, --num-processes and --process-id, or use"
-                     " --distributed to detect them (TPU pods, SLURM)")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts need collectives
   if args.distributed:
     jax.distributed.initialize()
@@ -141,17 +222,16 @@ def _schedule_arg(value: str) -> tuple[float, ...]:
   import jaxconsdec as jcd
   try:
     schedule = tuple(float(s) for s in value.split(","))
-  except ValueError:
-    raise ValueError(f"--schedule takes comma-separated numbers in [0, 1], got {value!r}")
-  jcd.timesteps_for(schedule)  # validates
+    jcd.timesteps_for(schedule)  # validates
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"--schedule takes comma-separated numbers in [0, 1], got {value!r} ({e})")
   return schedule
 
 
 def _weights_arg(args):
-  """-> (params, config, identity string recorded with the job's outputs)."""
-  import hashlib
-
+  """-> (params, config, identity of the weights by content, recorded with the outputs)."""
   import jaxconsdec as jcd
+  from jaxconsdec import checkpoint
   if args.random_weights:
     config = _config_arg(args.random_weights)
     print(f"WARNING: --random-weights: the {args.random_weights} UNet is RANDOMLY INITIALISED."
@@ -159,37 +239,46 @@ def _weights_arg(args):
           " Pass --weights with converted weights for real images.", file=sys.stderr)
     return jcd.random_params(config, seed=0), config, f"random-init:{args.random_weights}"
   if not args.weights:
-    raise ValueError("no weights: pass --weights CKPT (a folder made by `jaxconsdec convert`,"
+    raise UsageError("no weights: pass --weights CKPT (a folder made by `jaxconsdec convert`,"
                      " or decoder.pt / a *.safetensors file), or --random-weights tiny for a"
                      " smoke test")
   if not os.path.exists(args.weights):
-    raise ValueError(f"--weights {args.weights}: no such file or folder. Pass a checkpoint"
+    raise UsageError(f"--weights {args.weights}: no such file or folder. Pass a checkpoint"
                      " folder made by `jaxconsdec convert`, or the PyTorch weight file itself")
   params, config = jcd.load(args.weights, config=_config_arg(args.config),
                             embedding=args.embedding)
-  if os.path.isdir(args.weights):
-    with open(os.path.join(args.weights, "jaxconsdec.json"), "rb") as f:
-      identity = "checkpoint:" + hashlib.sha256(f.read()).hexdigest()[:16]
-  else:
-    identity = f"file:{os.path.basename(args.weights)}:{os.path.getsize(args.weights)}"
-  return params, config, identity
+  files = [args.weights] + ([args.embedding] if args.embedding and
+                            not os.path.isdir(args.weights) else [])
+  return params, config, checkpoint.identity(files)
 
 
 def _print_report(report, out_dir: str) -> None:
+  hidden = f", {report.hidden} hidden files or folders skipped" if report.hidden else ""
+  redone = f" ({report.redone} found cut short were redone)" if report.redone else ""
   print(f"{report.total} latents: {report.done_before} already done, {report.decoded} decoded"
-        f" now, {len(report.failures)} failed ({report.seconds:.1f} s)", file=sys.stderr)
-  if report.stopped:
+        f" now{redone}, {len(report.failures)} failed{hidden} ({report.seconds:.1f} s)",
+        file=sys.stderr)
+  if report.environment_error:
+    print(f"error: the job stopped: {report.environment_error}. Fix it and run the same"
+          " command again: it resumes where it stopped.", file=sys.stderr)
+  elif report.stopped:
     print("stopped at the first bad input (--strict)", file=sys.stderr)
   for failure in report.failures[:20]:
     print(f"  FAILED {failure.input}: {failure.reason}", file=sys.stderr)
   if len(report.failures) > 20:
     print(f"  ... {len(report.failures) - 20} more", file=sys.stderr)
-  if report.failures:
+  if report.failures and os.path.exists(os.path.join(out_dir, "failures.json")):
     print(f"the list is in {os.path.join(out_dir, 'failures.json')}", file=sys.stderr)
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the messages of the libraries underneath (Orbax, asyncio)")
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jaxconsdec", description=__doc__)
+  parser = argparse.ArgumentParser(
+      prog="jaxconsdec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   sample = sub.add_parser(
       "sample", help="decode sample latents with RANDOM weights and write a PNG (smoke test)")
@@ -198,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="architecture: the released 621M UNet or the tiny test one")
   sample.add_argument("--size", type=int, default=128, help="image side in pixels, multiple of 8")
   sample.add_argument("--schedule", default="1.0,0.5", help="comma-separated values in [0, 1]")
-  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
+  _add_verbose(sample)
   sample.set_defaults(run=_sample)
 
   convert = sub.add_parser(
@@ -212,7 +302,9 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("--embedding", help="safetensors file holding the time-embedding table")
   convert.add_argument("--config", default="released",
                        help="architecture: released (default), tiny, or a UNetConfig JSON file")
-  convert.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+  convert.add_argument("--force", action="store_true",
+                       help="replace an existing checkpoint at OUT (nothing else is replaced)")
+  _add_verbose(convert)
   convert.set_defaults(run=_convert)
 
   dec = sub.add_parser(
@@ -232,18 +324,22 @@ def _parser() -> argparse.ArgumentParser:
   dec.add_argument("--batch-size", type=int, default=8,
                    help="global batch per step, rounded up to a multiple of the device count")
   dec.add_argument("--schedule", default="1.0,0.5", help="comma-separated values in [0, 1]")
-  dec.add_argument("--seed", type=int, default=0, help="base seed of the noise")
+  dec.add_argument("--seed", type=int, default=0, help=f"base seed of the noise, 0 to {MAX_SEED}")
   dec.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW",
                    help="layout of the latents (and of --format npy outputs)")
   dec.add_argument("--scaled-latents", action="store_true",
                    help="inputs are pipeline latents (raw * 0.18215): divide before decoding")
   dec.add_argument("--format", choices=("png", "npy"), default="png",
                    help="png (uint8) or npy (float32 in [-1, 1])")
+  dec.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse latents whose image has more than N pixels, before compiling"
+                   " (default 4194304 = 2048x2048; 0 for no limit)")
   dec.add_argument("--strict", action="store_true", help="stop at the first bad input")
   dec.add_argument("--no-progress", action="store_true", help="no progress bar")
   dec.add_argument("--compile-cache", metavar="DIR",
                    help="persistent XLA compilation cache (default ~/.cache/jaxconsdec/xla)")
   dec.add_argument("--no-compile-cache", action="store_true")
+  _add_verbose(dec)
   dist = dec.add_argument_group("multi-host (one process per host, same command everywhere)")
   dist.add_argument("--distributed", action="store_true",
                     help="jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
@@ -254,17 +350,73 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+def _usage_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that mean the command itself was wrong (exit status 2)."""
+  from jaxconsdec.batch import JobMismatchError, ProcessesDisagreeError
+  from jaxconsdec.checkpoint import CheckpointError
+  from jaxconsdec.convert import WeightFileError
+  from jaxconsdec.weights import ParamsMismatchError
+  return (UsageError, WeightFileError, CheckpointError, ParamsMismatchError, JobMismatchError,
+          ProcessesDisagreeError)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+  """Orbax and tensorstore answer one failed write with hundreds of asyncio tracebacks (from
+  their threads, through sys.unraisablehook, the asyncio logger and warnings about coroutines
+  left pending) around the one error that matters. Unless --verbose, they are not shown: the user sees jaxconsdec's message."""
+  if verbose:
+    return
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+  sys.unraisablehook = lambda unraisable: None
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+
+
+def main(argv: list[str] | None = None, *, console: bool = False) -> int:
+  """Runs one command; returns its exit status. console: this is the whole process (the
+  `jaxconsdec` script), so once the command has returned, Ctrl-C is ignored: the work is
+  done, and an interrupt during shutdown could only turn a success into a traceback."""
+  args = _parser().parse_args(argv)  # a wrong flag exits 2 here, with argparse's message
+  _quiet_libraries(args.verbose)
+  hint = "" if args.verbose else " (--verbose shows more)"
+  usage_errors = _usage_errors()
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.getsignal(signal.SIGINT) if main_thread else None
   try:
     return args.run(args)
-  except (ValueError, TypeError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print("interrupted; no file was left half-written", file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
+  except usage_errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except OSError as e:
+    print(f"error: {_describe_os_error(e)}{hint}", file=sys.stderr)
+    return EXIT_ENVIRONMENT
+  except Exception as e:
+    if "RESOURCE_EXHAUSTED" in str(e):  # a device ran out of memory
+      print(f"error: out of device memory ({str(e).splitlines()[0][:300]}). Lower"
+            " --batch-size or --max-pixels.", file=sys.stderr)
+      return EXIT_ENVIRONMENT
+    traceback.print_exc()
+    print("internal error: this is a bug in jaxconsdec; please report it with the traceback"
+          " above", file=sys.stderr)
+    return EXIT_INTERNAL
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGINT, signal.SIG_IGN if console else previous)
+
+
+def _describe_os_error(e: OSError) -> str:
+  if e.strerror and e.filename:
+    return f"{e.filename}: {e.strerror}"
+  return e.strerror or str(e)
+
+
+def entry() -> None:
+  """The console script."""
+  sys.exit(main(console=True))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

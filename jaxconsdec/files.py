@@ -15,6 +15,7 @@ inside their folder, written atomically and durably, with the modes an ordinary 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import stat
@@ -65,6 +66,19 @@ def open_regular(path: str) -> BinaryIO:
   except BaseException:
     os.close(fd)
     raise
+
+
+def read_json_object(path: str, max_bytes: int = 16 << 20) -> dict:
+  """A small JSON object from a regular file. Raises OSError, or ValueError if the file is
+  larger than `max_bytes`, not JSON, or not an object."""
+  with open_regular(path) as f:
+    text = f.read(max_bytes + 1)
+  if len(text) > max_bytes:
+    raise ValueError(f"larger than {max_bytes:,} bytes")
+  value = json.loads(text)
+  if not isinstance(value, dict):
+    raise ValueError("not a JSON object")
+  return value
 
 
 def fsync_dir(path: str) -> None:

@@ -246,9 +246,9 @@ def _check_shape(header: ArrayHeader, layout, channels, size_multiple,
     return msg
   if 0 in shape:
     return f"shape {shape} is empty"
-  if header.fortran and len(shape) == 4:
-    return ("a Fortran-ordered (column-major) batch, whose rows are not stored one after"
-            " another; save it with np.ascontiguousarray(x)")
+  if header.fortran and len(shape) == 4 and header.name:
+    return ("a Fortran-ordered (column-major) batch inside an archive, whose rows are not"
+            " stored one after another; save it with np.ascontiguousarray(x)")
   h, w = _hw(shape[-3:], layout)
   if max_pixels is not None and (UPSAMPLE * h) * (UPSAMPLE * w) > max_pixels:
     return (f"latent size {h}x{w} gives a {UPSAMPLE * h}x{UPSAMPLE * w} image,"
@@ -293,6 +293,11 @@ class LatentReader:
     rank = len(header.shape)
     if (item.row is None) != (rank == 3) or (item.row is not None and item.row >= header.shape[0]):
       raise ValueError(f"the file changed since it was listed: now of shape {header.shape}")
+    if header.fortran and rank == 4:  # a column-major .npy batch: a row is spread over the
+      # whole file, so it is read through a read-only map of the file (pages the kernel can
+      # drop), never by loading the array
+      whole = np.memmap(stream, header.dtype, "r", header.offset, header.shape, order="F")
+      return np.array(whole[item.row], np.float32)
     shape = header.shape if item.row is None else header.shape[1:]
     count = int(np.prod(shape))
     stream.seek(header.offset + (item.row or 0) * count * header.dtype.itemsize)

@@ -28,7 +28,7 @@ from jaxconsdec.config import UNetConfig
 from jaxconsdec.convert.errors import WeightFileError
 from jaxconsdec.convert import safetensors_file
 from jaxconsdec.convert.torchscript import TorchScriptArchive
-from jaxconsdec.files import open_regular
+from jaxconsdec.files import open_regular, read_json_object
 
 DIFFUSERS_PREFIX = "decoder_unet."
 EXTRA_PREFIXES = ("encoder.", "quant_conv.")
@@ -280,14 +280,7 @@ def _config_json_beside(path: str) -> Optional[dict]:
   if not os.path.lexists(beside):
     return None
   try:
-    with open_regular(beside) as f:
-      text = f.read(MAX_CONFIG_JSON_BYTES + 1)
-    if len(text) > MAX_CONFIG_JSON_BYTES:
-      raise ValueError(f"larger than {MAX_CONFIG_JSON_BYTES} bytes")
-    config_json = json.loads(text)
-    if not isinstance(config_json, dict):
-      raise ValueError("not a JSON object")
-    return config_json
+    return read_json_object(beside, MAX_CONFIG_JSON_BYTES)
   except (OSError, ValueError) as e:
     raise WeightFileError(f"{beside}: unreadable config.json next to {path} ({e})")
 
