@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 
-def run_on_simulated_devices(code: str, count: int) -> str:
-  """Runs `code` on `count` simulated CPU devices; asserts it succeeded and printed OK."""
+def run_on_simulated_devices(code: str, count: int, *args: str) -> str:
+  """Runs `code` (with `args` as sys.argv[1:]) on `count` simulated CPU devices; asserts it
+  succeeded and printed OK."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK" in proc.stdout

@@ -1,6 +1,7 @@
 """Sharding, several processes and SIGKILL: each in subprocesses, as a user would run them."""
 
 import filecmp
+import json
 import os
 import signal
 import socket
@@ -11,8 +12,9 @@ import time
 
 import numpy as np
 
-from jaxconsdec.images import TMP_PREFIX
+from jaxconsdec.files import TMP_PREFIX
 from jaxconsdec.sampler import LATENT_SCALE
+from hostile import cli_command
 from simulated_devices import run_on_simulated_devices
 
 EIGHT_DEVICES = textwrap.dedent("""
@@ -129,3 +131,51 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_result(tmp_path):
   for f in os.listdir(out):
     if f.endswith(".png"):
       Image.open(os.path.join(out, f)).load()  # every file is a complete, valid PNG
+
+
+def _two_hosts(tmp_path, inputs, limits=(None, None), timeout=180):
+  """Runs the job as two processes on localhost, each with its own OUT_DIR (out0, out1), as
+  the README allows. -> [(exit status, stderr)] per process; fails if either hangs."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      cli_command("decode", inputs, "-o", tmp_path / f"out{i}", "--random-weights", "tiny",
+                  "--no-progress", "--batch-size", "2", "--coordinator", f"127.0.0.1:{port}",
+                  "--num-processes", "2", "--process-id", i, file_size_limit=limits[i]),
+      env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  results = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise AssertionError("a process hung: the other one stopped without it")
+    results.append((p.returncode, err))
+  return results
+
+
+def test_a_conflicting_manifest_on_one_host_stops_both_processes(tmp_path):
+  inputs = _write_inputs(str(tmp_path / "in"), n=3)
+  # Host 1's OUT_DIR holds the outputs of a job run with another seed.
+  other = subprocess.run(_decode_cmd(inputs, str(tmp_path / "out1"), "--seed", "9"),
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert other.returncode == 0, other.stderr[-3000:]
+  start = time.monotonic()
+  (code0, err0), (code1, err1) = _two_hosts(tmp_path, inputs)
+  assert time.monotonic() - start < 180
+  assert (code0, code1) == (2, 2), (err0[-2000:], err1[-2000:])
+  assert "holds outputs of a job with other settings (seed: 9 there, 0 now" in err1
+  assert "process 1 stopped the job" in err0 and "seed: 9 there" in err0
+  assert not [f for f in os.listdir(tmp_path / "out0") if f.endswith(".png")]
+
+
+def test_a_write_error_on_one_host_stops_both_processes_with_exit_3(tmp_path):
+  inputs = _write_inputs(str(tmp_path / "in"), n=6)
+  # Process 1 cannot write a file past 2 kB (its 32x32 PNGs are ~3 kB): a full disk there.
+  (code0, err0), (code1, err1) = _two_hosts(tmp_path, inputs, limits=(None, 2000))
+  assert (code0, code1) == (3, 3), (err0[-2000:], err1[-2000:])
+  assert "the job stopped: cannot write" in err0 and "File too large" in err0
+  assert "Traceback" not in err0 + err1
+  failures = json.load(open(tmp_path / "out0" / "failures.json"))
+  assert "File too large" in failures["stopped_by"]

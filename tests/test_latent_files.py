@@ -70,3 +70,19 @@ def test_layout_hint_and_name_clash(tmp_path):
   assert [i.name for i in items] == ["same"]
   assert "fits --layout NHWC" in failures[0].reason
   assert "already taken" in failures[1].reason
+
+
+def test_every_storage_order_and_container_reads_back_the_same_rows(tmp_path):
+  batch = _latents(3, 4, 2, 5)
+  np.save(tmp_path / "c.npy", batch)
+  np.save(tmp_path / "f.npy", np.asfortranarray(batch))            # column-major on disk
+  np.save(tmp_path / "one.npy", np.asfortranarray(batch[1]))
+  np.savez_compressed(tmp_path / "z.npz", x=batch)                  # a deflated member
+  save_file({"x": batch}, str(tmp_path / "s.safetensors"))
+  listing = list_latents([str(tmp_path)], layout="NCHW")
+  assert listing.failures == []
+  reader = LatentReader()
+  for item in listing.items:
+    want = batch[1] if item.name == "one" else batch[item.row]
+    np.testing.assert_array_equal(reader.read(item), want, err_msg=item.where)
+  reader.close()
