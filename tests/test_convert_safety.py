@@ -222,17 +222,21 @@ def _interrupt_when(proc, ready, timeout=120):
   return proc.returncode, err
 
 
-@pytest.mark.parametrize("moment", ["writing", "after-params", "complete"])
+@pytest.mark.parametrize("moment", ["writing", 0.01, 0.03, 0.1, 0.3, "complete"])
 def test_ctrl_c_during_convert_leaves_nothing_and_a_complete_checkpoint_exits_0(
     tmp_path, tiny_file, moment):
+  """Ctrl-C as the temporary folder appears, at delays after it (during the Orbax writes,
+  the fsync, the rename: the previous main exited killed by the signal, or printed a
+  traceback, at some of them), and once the checkpoint exists."""
   out = tmp_path / "ck"
   temporary = lambda: [n for n in os.listdir(tmp_path) if ".tmp-" in n]
-  ready = {
-      "writing": lambda: bool(temporary()),
-      "after-params": lambda: any(os.path.exists(tmp_path / t / "params" / "_METADATA")
-                                  for t in temporary()),
-      "complete": lambda: os.path.exists(out),
-  }[moment]
+  if moment == "complete":
+    ready = lambda: os.path.exists(out)
+  else:
+    delay = 0 if moment == "writing" else moment
+    seen = []
+    ready = lambda: (seen or (temporary() and seen.append(time.monotonic()))) and (
+        time.monotonic() - seen[0] >= delay)
   code, err = _interrupt_when(_convert_process(tiny_file, out), ready)
   assert "Traceback" not in err and "Event loop" not in err, err[-3000:]
   assert temporary() == [], "a partial checkpoint was left beside OUT"
