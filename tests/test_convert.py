@@ -66,6 +66,19 @@ def test_torchscript_archive(tmp_path, cfg, table_as):
   _decode_parity(str(tmp_path / "ck"), unet, cfg, seed=41)
 
 
+def test_torchscript_tensors_without_a_diffusers_name_are_reported_as_unexpected(tmp_path):
+  cfg = jcd.TINY
+  unet = diffusers_unet(cfg, seed=46)
+  src = str(tmp_path / "decoder.pt")
+  weight_files.write_torchscript(src, unet, cfg, "parameter",
+                                 extra={"blocks.mid_0.attn.q.w": torch.zeros(8, 8)})
+  proc = convert_without_torch(src, "-o", str(tmp_path / "ck"), "--config", "tiny")
+  assert proc.returncode == 2, proc.stderr
+  assert "1 unexpected (in the weights, not in the model)" in proc.stderr
+  assert "blocks.mid_0.attn.q.w" in proc.stderr
+  assert not os.path.exists(tmp_path / "ck")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_diffusers_consistency_decoder_vae(tmp_path, dtype):
   cfg = jcd.TINY

@@ -82,10 +82,12 @@ class ConvUNetVAE(torch.nn.Module):
     return x * 1
 
 
-def write_torchscript(path: str, unet, cfg: UNetConfig, table_as: str) -> None:
+def write_torchscript(path: str, unet, cfg: UNetConfig, table_as: str, extra=None) -> None:
+  """extra: more {raw name: tensor} to put in the module tree (a file with unknown tensors)."""
   sd = unet.state_dict()
   raw = {raw_name(k, len(cfg.block_out_channels)): v for k, v in sd.items()
          if raw_name(k, len(cfg.block_out_channels))}
+  raw.update(extra or {})
   module = ConvUNetVAE(raw, sd["time_proj.weight"], table_as).eval()
   traced = torch.jit.trace(module, torch.zeros(1), check_trace=False)
   traced.save(path)

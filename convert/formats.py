@@ -249,23 +249,30 @@ def _read_torchscript(path: str, config: UNetConfig):
   if base is None:
     raise WeightFileError(f"{path}: a TorchScript archive, but without the decoder's"
                           f" `{RAW_MARKER}` tensor: not OpenAI's decoder.pt")
-  readers, specs, table = {}, {}, []
+  readers, specs, unmapped = {}, {}, {}
   for name, ref in archive.tensors.items():
     mapped = raw_to_diffusers(name[len(base):], levels) if name.startswith(base) else None
     if mapped is None:
-      table.append(ref)
+      unmapped[name] = ref
       continue
     readers[mapped] = (lambda r=ref: archive.read(r))
     specs[mapped] = (ref.shape, ref.storage.dtype)
-  table += archive.constants
+  # The time-embedding table has no raw name (SPEC 4): the one tensor of its shape, among the
+  # unnamed parameters or the code's constants.
   want = (config.num_train_timesteps, config.block_out_channels[0])
-  candidates = [r for r in table if r.shape == want]
+  candidates = [(n, r) for n, r in unmapped.items() if r.shape == want]
+  candidates += [(None, r) for r in archive.constants if r.shape == want]
   if len(candidates) == 1:
-    readers["time_proj.weight"] = lambda r=candidates[0]: archive.read(r)
-    specs["time_proj.weight"] = (want, candidates[0].storage.dtype)
+    name, ref = candidates[0]
+    unmapped.pop(name, None)
+    readers["time_proj.weight"] = lambda r=ref: archive.read(r)
+    specs["time_proj.weight"] = (want, ref.storage.dtype)
   elif len(candidates) > 1:
     raise WeightFileError(f"{path}: {len(candidates)} tensors of shape {want} could be the"
                           " time-embedding table; pass the right one with --embedding FILE")
+  for name, ref in unmapped.items():  # kept under their raw names: strict loading lists them
+    readers[name] = lambda r=ref: archive.read(r)
+    specs[name] = (ref.shape, ref.storage.dtype)
   dtypes = sorted({str(r.storage.dtype) for r in archive.tensors.values()})
   info = _source(path, "torchscript", len(archive.tensors) + len(archive.constants), dtypes)
   return "torchscript", LazyTensors(readers, specs), LazyTensors({}, {}), info, None
