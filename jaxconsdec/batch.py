@@ -16,9 +16,10 @@ Several processes: every decision that can fail or differ (the inputs each sees,
 its manifest, a write error) is gathered (`multihost`) so that all processes stop together
 with the same error instead of waiting forever in the next collective.
 
-Noise: the CLI's example index is a 32-bit hash of the example's output name, so an image
-depends only on (weights, seed, schedule, its latent, its name): not on the batch size, the
-device or host count, or what else the job holds. Adding latents and re-running is fine.
+Noise: each example's key is derived from the seed and a 64-bit hash of its output name
+(`example_key`), so an image depends only on (weights, seed, schedule, its latent, its
+name): not on the batch size, the device or host count, or what else the job holds. Adding
+latents and re-running is fine. The scheme is versioned in the manifest (NOISE_SCHEME).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+import tqdm
 
 from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
@@ -52,6 +54,12 @@ FORMATS = ("png", "npy")
 MAX_MANIFEST_BYTES = 1 << 20
 
 
+# How an example's noise key follows from the seed and its output name. 1: a 32-bit hash
+# folded in once (collides among ~77k names, 50% odds). 2: a 64-bit hash, folded in as two
+# 32-bit halves. Outputs of different schemes are never mixed in one OUT_DIR.
+NOISE_SCHEME = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSettings:
   """What decides the outputs' values; a re-run into the same OUT_DIR must match it."""
@@ -61,6 +69,7 @@ class JobSettings:
   scaled_latents: bool
   format: str = "png"
   layout: str = "NCHW"
+  noise_scheme: int = NOISE_SCHEME
 
 
 class JobMismatchError(ValueError):
@@ -89,8 +98,17 @@ class JobReport:
 
 
 def example_index(name: str) -> int:
-  """The example's global index for noise: a stable 32-bit hash of its output name."""
-  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+  """A stable 64-bit hash of an example's output name."""
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def example_keys_for(names: Sequence[str], seed: int) -> jax.Array:
+  """The noise keys of the examples called `names`: fold_in(fold_in(key(seed), hi), lo),
+  with hi and lo the two 32-bit halves of `example_index(name)`. Shape (len(names),)."""
+  index = np.array([example_index(n) for n in names], np.uint64)
+  hi, lo = (index >> np.uint64(32)).astype(np.uint32), index.astype(np.uint32)
+  base = jax.random.key(seed)
+  return jax.vmap(lambda h, l: jax.random.fold_in(jax.random.fold_in(base, h), l))(hi, lo)
 
 
 def run_job(decoder: ShardedDecoder, inputs: Sequence[str], out_dir: str,
@@ -123,11 +141,13 @@ def run_job(decoder: ShardedDecoder, inputs: Sequence[str], out_dir: str,
   multihost.raise_together(error, SETUP_ERRORS)
   done, incomplete = _done_everywhere(out_dir, items, settings)
   pending = [item for item, d in zip(items, done) if not d]
-  bar = _Progress(len(pending), enabled=progress and lead)
+  groups = list(_by_size(pending).values())
+  _compile_programs(decoder, groups, settings, batch_size, lead)
+  bar = _progress_bar(len(pending), enabled=progress and lead)
   decoded, stopped, environment_error = 0, False, None
-  for group in _by_size(pending).values():
+  for group in groups:
     count, bad, stopped, environment_error = _decode_group(decoder, group, out_dir, settings,
-                                                           batch_size, strict, bar)
+                                                           batch_size, strict, bar, lead)
     decoded += count
     failures += bad
     if stopped:
@@ -157,26 +177,52 @@ def _check_same_inputs(items: list[LatentItem]) -> None:
         " storage or copy them identically to each host.")
 
 
-def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar):
+def _batches(group: list[LatentItem], global_batch: int, decoder: ShardedDecoder):
+  """(items, size of the program's batch) for each step over one size group: full global
+  batches, then the rest padded only up to a multiple of the device count."""
+  for first in range(0, len(group), global_batch):
+    batch = group[first:first + global_batch]
+    yield batch, decoder.global_batch(len(batch))
+
+
+def _latent_shape(hw: tuple[int, int], settings: JobSettings) -> tuple[int, int, int]:
+  return (LATENT_CHANNELS, *hw) if settings.layout == "NCHW" else (*hw, LATENT_CHANNELS)
+
+
+def _compile_programs(decoder, groups, settings, batch_size, lead) -> None:
+  """Compiles every program the job will run before decoding starts, so that the progress
+  bar's rate and time left count decoding only."""
+  global_batch = decoder.global_batch(batch_size)
+  needed = {(size, group[0].hw) for group in groups
+            for _, size in _batches(group, global_batch, decoder)}
+  if needed and lead:
+    shapes = ", ".join(f"{size} x {h}x{w}" for size, (h, w) in sorted(needed))
+    print(f"compiling {len(needed)} program(s) (batch x latent size: {shapes})",
+          file=sys.stderr)
+  for size, hw in sorted(needed):
+    decoder.compile(size, _latent_shape(hw, settings))
+
+
+def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar, lead):
   """Decodes the pending latents of one size.
 
   -> (written here, failures here, stopped, environment error or None). After each batch
   the processes agree whether to stop, so they leave the loop together.
   """
-  global_batch = decoder.global_batch(batch_size)
-  rows = decoder.local_rows(global_batch)
   reader = LatentReader()
   written, failures = 0, []
   try:
-    for first in range(0, len(group), global_batch):
-      batch = group[first:first + global_batch]
+    for step, (batch, size) in enumerate(_batches(group, decoder.global_batch(batch_size),
+                                                  decoder)):
+      rows = decoder.local_rows(size)
       mine = batch[rows]
-      latents, unreadable = _read_rows(reader, mine, settings, rows.stop - rows.start, group[0])
-      if first == 0 and bar.enabled:
+      n_rows = rows.stop - rows.start
+      latents, unreadable = _read_rows(reader, mine, settings, n_rows, group[0])
+      if step == 0 and lead:  # the warning shows whether or not a progress bar does
         _warn_if_scale_looks_wrong(latents[:len(mine)], settings.scaled_latents)
-      indices = [example_index(item.name) for item in mine]
-      indices += [0] * (rows.stop - rows.start - len(indices))
-      images, finite, all_finite = decoder(latents, indices, settings.seed, global_batch)
+      names = [item.name for item in mine] + [""] * (n_rows - len(mine))
+      keys = example_keys_for(names, settings.seed)
+      images, finite, all_finite = decoder(latents, keys, size)
       environment_error = None
       for i, item in enumerate(mine):
         if i in unreadable:
@@ -203,8 +249,7 @@ def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar):
 def _read_rows(reader, mine, settings, n_rows, like):
   """This process's latents of one batch, padded with zeros to n_rows. A row that cannot be
   read becomes NaN, so the program flags it on every process (strict mode agrees to stop)."""
-  shape = (LATENT_CHANNELS, *like.hw) if settings.layout == "NCHW" else (*like.hw, LATENT_CHANNELS)
-  latents = np.zeros((n_rows, *shape), np.float32)
+  latents = np.zeros((n_rows, *_latent_shape(like.hw, settings)), np.float32)
   unreadable = {}
   for i, item in enumerate(mine):
     try:
@@ -379,37 +424,28 @@ def _write_failures(out_dir: str, failures: list[Failure], report: JobReport) ->
       raise
 
 
-class _Progress:
-  """images done / total, images/s, time left: redrawn in place on a terminal, a line every
-  10 s otherwise (logs)."""
+def _progress_bar(total: int, enabled: bool) -> tqdm.tqdm:
+  """images done / total, images/s and time left (tqdm): redrawn in place on a terminal,
+  a line every 10 s in a log file."""
+  stream = sys.stderr  # looked up now: it may have been replaced since import
+  tty = hasattr(stream, "isatty") and stream.isatty()
+  return tqdm.tqdm(total=total, disable=not enabled or total == 0, unit="image",
+                   file=stream if tty else _LogLines(stream), mininterval=0.5 if tty else 10,
+                   dynamic_ncols=tty, ascii=not tty)
 
-  def __init__(self, total: int, enabled: bool, stream=None):
-    stream = sys.stderr if stream is None else stream  # looked up now: it may be replaced
-    self.total, self.enabled, self.stream = total, enabled and total > 0, stream
-    self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-    self.tty = hasattr(stream, "isatty") and stream.isatty()
 
-  def update(self, n: int) -> None:
-    self.done += n
-    now = time.perf_counter()
-    if not self.enabled or (not self.tty and now - self.last < 10 and self.done < self.total):
-      return
-    self.last = now
-    rate = self.done / max(now - self.start, 1e-9)
-    left = (self.total - self.done) / rate if rate else float("inf")
-    line = (f"{self.done}/{self.total} images  {rate:.2f} images/s  "
-            f"{_duration(left)} left")
-    self.stream.write(("\r" + line.ljust(60)) if self.tty else line + "\n")
+class _LogLines(io.TextIOBase):
+  """tqdm redraws its line with carriage returns; in a log each redraw is a line of its own."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> int:
+    line = text.replace("\r", "").strip()
+    if line:
+      self.stream.write(line + "\n")
+      self.stream.flush()
+    return len(text)
+
+  def flush(self) -> None:
     self.stream.flush()
-
-  def close(self) -> None:
-    if self.enabled and self.tty:
-      self.stream.write("\n")
-
-
-def _duration(seconds: float) -> str:
-  if seconds == float("inf"):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
-      f"{seconds // 60}m{seconds % 60:02d}s")

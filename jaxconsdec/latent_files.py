@@ -30,6 +30,7 @@ import os
 import zipfile
 from typing import BinaryIO, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxconsdec import layout as layouts
@@ -234,7 +235,7 @@ def _check_shape(header: ArrayHeader, layout, channels, size_multiple,
   want = "(4, h, w) or (B, 4, h, w)" if layout == "NCHW" else "(h, w, 4) or (B, h, w, 4)"
   if len(shape) not in (3, 4):
     return f"shape {shape} has rank {len(shape)}; a latent file holds {want} ({layout})"
-  if dtype.kind != "f":
+  if not jnp.issubdtype(dtype, jnp.floating):  # float16/32/64 and bfloat16 (ml_dtypes)
     return f"dtype {dtype}; latents must be floats"
   caxis = layouts.channel_axis(layout) - 1
   if shape[-3:][caxis] != channels:

@@ -25,7 +25,7 @@ from jaxconsdec import layout as layouts
 from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.sampler import (_as_typed_key, _batch_keys, _check_latents, _decode,
-                                _unwrap_variables)
+                                _unwrap_variables, example_keys)
 from jaxconsdec.schedule import timesteps_for
 from jaxconsdec.weights import check_params
 
@@ -57,7 +57,8 @@ class ShardedDecoder:
     decoder = ShardedDecoder(params, mesh=data_mesh(), config=cfg, schedule=(1.0, 0.5))
     images = decoder.decode(latents, key)               # one process: all examples at once
 
-  `images[i]` equals `decode(params, latents[i:i+1], example_keys(key, n)[i:i+1])`.
+  `images[i]` equals `decode(params, latents[i:i+1], example_keys(key, n)[i:i+1])`; a latent
+  holding NaN or inf gives an image of NaN, as `decode` would.
   """
 
   def __init__(self, params, *, mesh: Optional[Mesh] = None,
@@ -69,8 +70,8 @@ class ShardedDecoder:
     params = _unwrap_variables(params)
     check_params(params, config)
     self.params = replicate(params, self.mesh)
-    self._program = _program(self.mesh, axis, config, timesteps_for(schedule), bool(clamp),
-                             layout)
+    self._timesteps, self._clamp = timesteps_for(schedule), bool(clamp)
+    self._compiled: dict = {}  # (global batch, latent shape, key impl) -> executable
 
   @property
   def num_shards(self) -> int:
@@ -92,33 +93,57 @@ class ShardedDecoder:
                        " build the mesh with devices grouped by process (data_mesh does)")
     return slice(starts[0], starts[0] + per_device * len(starts))
 
-  def __call__(self, local_latents, local_indices, key, global_batch: int):
+  def compile(self, global_batch: int, latent_shape: Sequence[int], key_impl: str = None):
+    """Compiles the program for global batches of `global_batch` latents of `latent_shape`
+    (one latent, in `layout`) ahead of use, so that a job can time its decoding apart from
+    its compiling. Calls with that shape then run the compiled program."""
+    key_impl = key_impl or str(jax.random.key_impl(jax.random.key(0)))
+    cache_key = (global_batch, tuple(latent_shape), key_impl)
+    if cache_key not in self._compiled:
+      data = NamedSharding(self.mesh, P(self.axis))
+      key_shape = jax.random.key_data(jax.random.key(0, impl=key_impl)).shape
+      latents = jax.ShapeDtypeStruct((global_batch, *latent_shape), jnp.float32, sharding=data)
+      keys = jax.ShapeDtypeStruct((global_batch, *key_shape), jnp.uint32, sharding=data)
+      self._compiled[cache_key] = self._program(key_impl).lower(
+          self.params, latents, keys).compile()
+    return self._compiled[cache_key]
+
+  def _program(self, key_impl: str):
+    return _program(self.mesh, self.axis, self.config, self._timesteps, self._clamp,
+                    self.layout, key_impl)
+
+  def __call__(self, local_latents, local_keys, global_batch: int):
     """Decodes one global batch from this process's rows.
 
     Args:
       local_latents: this process's `local_rows(global_batch)` rows, raw latents in `layout`.
-      local_indices: their global example indices (int), which choose their noise.
-      key: the job's base key (or int seed); the same on every process.
+      local_keys: one key per row (a batch of typed keys, or of legacy uint32 keys): each
+        example's noise is drawn from its key, as `decode` draws it with a batch of keys.
       global_batch: the global batch size, a multiple of `num_shards`.
 
     Returns:
       (images, finite, all_finite): this process's rows of the float32 images in `layout`
-      and, per row, whether its latents were all finite (numpy arrays on the host); and
-      whether every row of the *global* batch was, the same answer on every process.
+      (NaN where a latent held NaN or inf) and, per row, whether its latents were all finite
+      (numpy arrays on the host); and whether every row of the *global* batch was, the same
+      answer on every process.
     """
     rows = self.local_rows(global_batch)
     n = rows.stop - rows.start
-    local_latents = np.asarray(local_latents)
-    if local_latents.shape[0] != n or len(local_indices) != n:
+    local_latents = np.asarray(local_latents, np.float32)
+    keys = _as_typed_key(local_keys)
+    if local_latents.shape[0] != n or keys.shape != (n,):
       raise ValueError(f"this process supplies {n} rows of a global batch of {global_batch};"
-                       f" got {local_latents.shape[0]} latents and {len(local_indices)} indices")
+                       f" got {local_latents.shape[0]} latents and keys of shape {keys.shape}")
+    key_impl = str(jax.random.key_impl(keys))
     data = NamedSharding(self.mesh, P(self.axis))
-    global_shape = (global_batch,) + local_latents.shape[1:]
-    latents = jax.make_array_from_process_local_data(data, local_latents, global_shape)
-    indices = jax.make_array_from_process_local_data(
-        data, np.asarray(local_indices, np.uint32), (global_batch,))
-    key_data = jax.random.key_data(_as_typed_key(key))
-    images, finite, all_finite = self._program(self.params, latents, indices, key_data)
+    key_data = np.asarray(jax.random.key_data(keys))
+    latents = jax.make_array_from_process_local_data(
+        data, local_latents, (global_batch,) + local_latents.shape[1:])
+    key_data = jax.make_array_from_process_local_data(
+        data, key_data, (global_batch,) + key_data.shape[1:])
+    program = self._compiled.get((global_batch, local_latents.shape[1:], key_impl))
+    program = program or self._program(key_impl)
+    images, finite, all_finite = program(self.params, latents, key_data)
     return _local(images), _local(finite), bool(all_finite.addressable_data(0))
 
   def decode(self, latents, key, *, start: int = 0, batch_size: Optional[int] = None):
@@ -134,11 +159,11 @@ class ShardedDecoder:
     out = []
     for first in range(0, b, step):
       chunk = latents[first:first + step]
-      pad = step - len(chunk)
+      size = self.global_batch(len(chunk))  # the last batch pads to the device count only
+      pad = size - len(chunk)
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      indices = start + first + np.arange(step)
-      images, _, _ = self(chunk, indices, key, step)
-      out.append(images[:step - pad])
+      images, _, _ = self(chunk, example_keys(key, size, start + first), size)
+      out.append(images[:size - pad])
     return np.concatenate(out)
 
 
@@ -152,21 +177,22 @@ def _local(array: jax.Array) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ...],
-             clamp: bool, layout: str):
+             clamp: bool, layout: str, key_impl: str):
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
 
-  def run(params, latents, indices, key_data):
-    base = jax.random.wrap_key_data(key_data)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-    finite = jnp.all(jnp.isfinite(latents.astype(jnp.float32)), axis=(1, 2, 3))
-    # A non-finite row would only poison its own image (nothing mixes across examples), but
-    # zeros keep the program's numerics tidy; the caller drops that row via `finite`.
-    latents = jnp.where(finite[:, None, None, None], latents, 0)
-    images = _decode(params, latents, keys, None, config=config, timesteps=timesteps,
+  def run(params, latents, key_data):
+    keys = jax.random.wrap_key_data(key_data, impl=key_impl)
+    finite = jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
+    # A non-finite row only spoils its own image (nothing mixes across examples); it is
+    # decoded from zeros and then set to NaN, so no inf/NaN arithmetic runs at all, and the
+    # result says what `decode` would: this latent has no image.
+    clean = jnp.where(finite[:, None, None, None], latents, 0)
+    images = _decode(params, clean, keys, None, config=config, timesteps=timesteps,
                      clamp=clamp, layout=layout)
+    images = jnp.where(finite[:, None, None, None], images, jnp.nan)
     return images, finite, jnp.all(finite)
 
-  return jax.jit(run, in_shardings=(replicated, data, data, replicated),
+  return jax.jit(run, in_shardings=(replicated, data, data),
                  out_shardings=(data, data, replicated), compiler_options=_options(mesh))
 
 

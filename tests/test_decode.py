@@ -167,8 +167,24 @@ def test_cpu_programs_compile_without_ynnpack_fusions(monkeypatch):
   assert used == ["cpu"]
   assert "__ynn_fusion" not in hlo(top_level("cpu").lower(params, latents, keys, None, **static))
 
-  mesh = sharded.data_mesh()
-  program = sharded._program(mesh, sharded.DATA_AXIS, cfg, (1008, 512), True, "NCHW")
-  key_data = jax.random.key_data(jax.random.key(0))
-  assert "__ynn_fusion" not in hlo(program.lower(params, latents, np.arange(1), key_data))
+  decoder = sharded.ShardedDecoder(params, config=cfg)
+  assert "__ynn_fusion" not in decoder.compile(1, latents.shape[1:]).as_text()
   assert jcd.compiler_options("gpu") == {} and jcd.compiler_options("cpu")
+
+
+def test_an_xla_option_this_jaxlib_does_not_know_falls_back_once(monkeypatch):
+  """The YNN option is experimental: if a jaxlib drops it, decoding must still work."""
+  from jaxconsdec import xla_options
+  monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_no_such_option_anywhere": ""})
+  xla_options._accepted.cache_clear()
+  try:
+    with pytest.warns(RuntimeWarning, match="does not accept"):
+      assert xla_options.compiler_options("cpu") == {}
+    assert xla_options.compiler_options("cpu") == {}  # probed once: no second warning
+    cfg, latents, _ = _setup(seed=36, batch=1, h=2, w=2)
+    sampler._top_level_decode.cache_clear()
+    out = jcd.decode(jcd.random_params(cfg, 0), latents, 0, config=cfg)
+    assert np.isfinite(np.asarray(out)).all()
+  finally:
+    xla_options._accepted.cache_clear()
+    sampler._top_level_decode.cache_clear()
