@@ -1,12 +1,6 @@
-"""The `jaxconsdec` command line. Parses and validates flags and calls the library.
+"""The `jaxconsdec` command line: parses and validates flags, then calls the library.
 
-Exit status (the same for every command):
-  0    done, nothing failed
-  1    done, but some inputs failed: listed at the end and in OUT_DIR/failures.json
-  2    the command was wrong (a flag, the weights, what OUT_DIR holds), found before any work
-  3    stopped by the environment: disk full, permission denied, I/O error, out of memory
-  4    internal error, a bug in jaxconsdec: the traceback is printed
-  130  interrupted (Ctrl-C); nothing half-written is left behind
+The exit statuses are in EXIT_STATUSES below (and the README).
 """
 
 from __future__ import annotations
@@ -23,6 +17,24 @@ import warnings
 
 from jaxconsdec.latent_files import DEFAULT_MAX_PIXELS
 
+DESCRIPTION = """\
+OpenAI's Consistency Decoder in JAX: turn Stable Diffusion 1.x/2.x latents into images.
+
+  jaxconsdec convert decoder.pt -o consdec-ckpt          convert the published weights once
+  jaxconsdec decode LATENTS... -o OUT --weights consdec-ckpt   decode files of latents
+  jaxconsdec sample -o sample.png                        smoke test with random weights
+
+Run `jaxconsdec COMMAND --help` for a command's flags.
+"""
+EXIT_STATUSES = """\
+exit status:
+  0    done, nothing failed
+  1    done, but some inputs failed: listed at the end and in OUT_DIR/failures.json
+  2    the command was wrong (a flag, the weights, what OUT_DIR holds), found before any work
+  3    stopped by the environment: disk full, permission denied, I/O error, out of memory
+  4    internal error, a bug in jaxconsdec: the traceback is printed
+  130  interrupted (Ctrl-C); nothing half-written is left behind
+"""
 PRESETS = ("released", "tiny")
 EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -278,7 +290,10 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="jaxconsdec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog="jaxconsdec", description=DESCRIPTION, epilog=EXIT_STATUSES,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  from jaxconsdec import __version__
+  parser.add_argument("--version", action="version", version=f"jaxconsdec {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   sample = sub.add_parser(
       "sample", help="decode sample latents with RANDOM weights and write a PNG (smoke test)")

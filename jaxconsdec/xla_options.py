@@ -15,6 +15,8 @@ Options can only be set on a top-level `jax.jit`. `decode` called inside a calle
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -26,7 +28,27 @@ def compiler_options(platform: Optional[str] = None) -> dict[str, str]:
   """Options for `jax.jit(..., compiler_options=...)` on `platform` (default: JAX's default
   backend)."""
   platform = platform or jax.default_backend()
-  return dict(CPU_OPTIONS) if platform == "cpu" else {}
+  if platform != "cpu":
+    return {}
+  return dict(CPU_OPTIONS) if _accepted(tuple(CPU_OPTIONS.items())) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's XLA:CPU knows the options. The YNN one is experimental: a jaxlib
+  that drops or renames it refuses every program that names it ("No such compile option"),
+  so it is probed once on a trivial program, and decoding falls back to XLA's defaults
+  (slower on CPU, never wrong), saying so once."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+        jax.ShapeDtypeStruct((), "float32")).compile()
+    return True
+  except Exception as e:  # jaxlib's error type for an unknown option has changed over time
+    warnings.warn(f"this jaxlib's XLA:CPU does not accept {dict(options)} ({str(e)[:200]});"
+                  " jaxconsdec compiles with XLA's default CPU options instead, which are"
+                  " slower on this model's convolutions (benchmarks/conv_kernels.py)",
+                  RuntimeWarning, stacklevel=3)
+    return False
 
 
 def platform_of(*args: Any) -> str:
