@@ -45,7 +45,7 @@ from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_
 from jaxconsdec.images import encode_png, png_is_complete, to_uint8
 from jaxconsdec.latent_files import (DEFAULT_MAX_PIXELS, Failure, LatentItem, LatentReader,
                                      list_latents, read_headers)
-from jaxconsdec.sampler import LATENT_CHANNELS, LATENT_SCALE, UPSAMPLE
+from jaxconsdec.sampler import UPSAMPLE
 from jaxconsdec.sharded import ShardedDecoder
 
 MANIFEST = "jaxconsdec-job.json"
@@ -125,8 +125,7 @@ def run_job(decoder: ShardedDecoder, inputs: Sequence[str], out_dir: str,
     raise ValueError(f"format must be one of {FORMATS}, got {settings.format!r}")
   start = time.perf_counter()
   lead = jax.process_index() == 0
-  listing = list_latents(inputs, layout=settings.layout, channels=LATENT_CHANNELS,
-                         size_multiple=decoder.config.downsample_factor,
+  listing = list_latents(inputs, layout=settings.layout, config=decoder.config,
                          max_pixels=max_pixels, exclude=[out_dir])
   items, failures = listing.items, listing.failures
   _check_same_inputs(items)
@@ -185,8 +184,10 @@ def _batches(group: list[LatentItem], global_batch: int, decoder: ShardedDecoder
     yield batch, decoder.global_batch(len(batch))
 
 
-def _latent_shape(hw: tuple[int, int], settings: JobSettings) -> tuple[int, int, int]:
-  return (LATENT_CHANNELS, *hw) if settings.layout == "NCHW" else (*hw, LATENT_CHANNELS)
+def _latent_shape(hw: tuple[int, int], settings: JobSettings,
+                  config) -> tuple[int, int, int]:
+  c = config.latent_channels
+  return (c, *hw) if settings.layout == "NCHW" else (*hw, c)
 
 
 def _compile_programs(decoder, groups, settings, batch_size, lead) -> None:
@@ -200,7 +201,7 @@ def _compile_programs(decoder, groups, settings, batch_size, lead) -> None:
     print(f"compiling {len(needed)} program(s) (batch x latent size: {shapes})",
           file=sys.stderr)
   for size, hw in sorted(needed):
-    decoder.compile(size, _latent_shape(hw, settings))
+    decoder.compile(size, _latent_shape(hw, settings, decoder.config))
 
 
 def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar, lead):
@@ -217,9 +218,9 @@ def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar, le
       rows = decoder.local_rows(size)
       mine = batch[rows]
       n_rows = rows.stop - rows.start
-      latents, unreadable = _read_rows(reader, mine, settings, n_rows, group[0])
+      latents, unreadable = _read_rows(reader, mine, settings, n_rows, group[0], decoder.config)
       if step == 0 and lead:  # the warning shows whether or not a progress bar does
-        _warn_if_scale_looks_wrong(latents[:len(mine)], settings.scaled_latents)
+        _warn_if_scale_looks_wrong(latents[:len(mine)], settings.scaled_latents, decoder.config)
       names = [item.name for item in mine] + [""] * (n_rows - len(mine))
       keys = example_keys_for(names, settings.seed)
       images, finite, all_finite = decoder(latents, keys, size)
@@ -246,10 +247,10 @@ def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar, le
     reader.close()
 
 
-def _read_rows(reader, mine, settings, n_rows, like):
+def _read_rows(reader, mine, settings, n_rows, like, config):
   """This process's latents of one batch, padded with zeros to n_rows. A row that cannot be
   read becomes NaN, so the program flags it on every process (strict mode agrees to stop)."""
-  latents = np.zeros((n_rows, *_latent_shape(like.hw, settings)), np.float32)
+  latents = np.zeros((n_rows, *_latent_shape(like.hw, settings, config)), np.float32)
   unreadable = {}
   for i, item in enumerate(mine):
     try:
@@ -257,29 +258,32 @@ def _read_rows(reader, mine, settings, n_rows, like):
     except Exception as e:  # the file changed or broke after listing
       latents[i] = np.nan
       unreadable[i] = f"unreadable ({type(e).__name__}: {str(e)[:200]})"
-  if settings.scaled_latents:
-    latents /= LATENT_SCALE  # pipeline latents are raw latents * 0.18215
+  if settings.scaled_latents:  # pipeline latents -> raw: / scaling_factor + shift_factor
+    latents = latents / config.scaling_factor + config.shift_factor
   return latents, unreadable
 
 
-def _warn_if_scale_looks_wrong(latents: np.ndarray, scaled: bool) -> None:
-  """Raw SD latents have a std near 1/0.18215 = 5.5; pipeline-scaled ones near 1. Passing one
-  for the other is the most common mistake, and gives washed-out or burnt images."""
+def _warn_if_scale_looks_wrong(latents: np.ndarray, scaled: bool, config) -> None:
+  """Passing pipeline latents for raw ones (or the reverse) is the most common mistake, and
+  gives washed-out or burnt images. Raw latents spread like the decoder's statistics divided
+  by the scaling factor (SD 1.x: std near 5.5); pipeline latents near 1."""
   finite = latents[np.isfinite(latents)]
   if finite.size < 64:
     return
+  expected = float(np.sqrt(np.mean(np.square(config.latent_std) + np.square(config.latent_mean)))
+                   / config.scaling_factor)
   std = float(finite.std())
-  if std < 2.5:
+  if std < expected / 2.2:
     advice = ("--scaled-latents may be dividing raw latents a second time" if scaled else
               "if they are pipeline latents (before / vae.config.scaling_factor), pass"
               " --scaled-latents")
-  elif std > 15:
+  elif std > expected * 2.7:
     advice = ("if they are raw latents, drop --scaled-latents" if scaled else
               "are they in another unit?")
   else:
     return
-  print(f"WARNING: the latents have std {std:.2f} as the decoder sees them, raw SD latents"
-        f" about 5.5: {advice}", file=sys.stderr)
+  print(f"WARNING: the latents have std {std:.2f} as the decoder sees them, raw latents of"
+        f" its latent space about {expected:.1f}: {advice}", file=sys.stderr)
 
 
 def output_path(out_dir: str, item: LatentItem, fmt: str) -> str:

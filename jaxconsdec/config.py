@@ -1,56 +1,91 @@
-"""Architecture configuration of the Consistency Decoder UNet, and its presets.
+"""Architecture configuration of the Consistency Decoder UNet, its latent space, and presets.
 
 A `UNetConfig` describes any diffusers `UNet2DModel` of the Consistency Decoder family:
 `ResnetDownsampleBlock2D` down blocks, a `UNetMidBlock2D` without attention,
 `ResnetUpsampleBlock2D` up blocks, GroupNorm + SiLU, scale/shift time conditioning and a
 learned time-embedding table. Widths, depth and group count are free; the block types are not.
+
+It also holds the latent space the decoder was trained on (`latent_channels`, the VAE's
+`scaling_factor` and `shift_factor`, and the per-channel statistics the sampler normalises
+with), so a decoder for SDXL, SD3 or FLUX latents is the same code with other numbers, and
+the UNet's `in_channels` follows: 3 (the noisy image) + `latent_channels`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
 # Dtypes are stored by name so that a config is hashable (it is a static argument of the
 # jitted decoder) and serialises to JSON unchanged.
 _DTYPES = ("float32", "bfloat16", "float16")
+_PRECISIONS = ("default", "high", "highest")
+
+# The SD 1.x/2.x latent space the released decoder was trained on (SPEC section 2): the
+# VAE's scaling factor, and the mean and std of scaled latents, per channel.
+SD_SCALING_FACTOR = 0.18215
+SD_LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
+SD_LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """Shape and numerics of the decoder UNet.
+  """Shape, latent space and numerics of the decoder UNet.
 
   Attributes:
     block_out_channels: channel width of each resolution level, highest resolution first.
     layers_per_block: ResBlocks per down block (up blocks have one more).
     norm_num_groups: GroupNorm group count; must divide every width.
     norm_eps: GroupNorm epsilon (the released model uses 1e-5, not Flax's default 1e-6).
-    in_channels: UNet input channels: 3 (noisy image) + 4 (upsampled latent).
     out_channels: UNet output channels; only the first 3 are used by the sampler.
     num_train_timesteps: rows of the learned time-embedding table.
+    latent_channels: channels of the latents decoded (4 for SD 1.x/2.x and SDXL, 16 for
+      SD3 and FLUX).
+    scaling_factor, shift_factor: the VAE's: pipeline latents are
+      `(raw - shift_factor) * scaling_factor`; the decoder takes raw latents.
+    latent_mean, latent_std: per-channel statistics of scaled raw latents; the sampler
+      conditions on `((raw - shift_factor) * scaling_factor - mean) / std`.
+    in_channels: the UNet's input channels, 3 + latent_channels (derived; a value given
+      must agree).
     dtype: compute dtype of the convolutions ("float32", "bfloat16" or "float16"). What stays
       float32 regardless is decided in `jaxconsdec.precision`.
     param_dtype: dtype of freshly initialised parameters (loaded params keep their own).
+    precision: matmul/convolution precision of every UNet layer: "default", "high" or
+      "highest". None (the default) means "highest" for float32 compute, so an fp32 decode
+      is fp32 on every platform (not a bf16 pass on TPU or TF32 on GPU), and "default" for
+      bf16/fp16 compute, where the inputs are already rounded.
   """
 
   block_out_channels: tuple[int, ...] = (320, 640, 1024, 1024)
   layers_per_block: int = 3
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
-  in_channels: int = 7
   out_channels: int = 6
   num_train_timesteps: int = 1024
+  latent_channels: int = 4
+  scaling_factor: float = SD_SCALING_FACTOR
+  shift_factor: float = 0.0
+  latent_mean: tuple[float, ...] = SD_LATENT_MEAN
+  latent_std: tuple[float, ...] = SD_LATENT_STD
+  in_channels: Optional[int] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  precision: Optional[str] = None
 
   def __post_init__(self):
     # Accept lists and jnp dtypes at construction, store hashable canonical values.
-    object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
-    object.__setattr__(self, "dtype", _dtype_name(self.dtype, "dtype"))
-    object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
+    fix = lambda name, value: object.__setattr__(self, name, value)
+    fix("block_out_channels", tuple(int(c) for c in self.block_out_channels))
+    fix("latent_mean", tuple(float(v) for v in self.latent_mean))
+    fix("latent_std", tuple(float(v) for v in self.latent_std))
+    fix("scaling_factor", float(self.scaling_factor))
+    fix("shift_factor", float(self.shift_factor))
+    fix("dtype", _dtype_name(self.dtype, "dtype"))
+    fix("param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
     if not self.block_out_channels:
       raise ValueError("UNetConfig.block_out_channels must name at least one level")
     if self.layers_per_block < 1:
@@ -60,6 +95,26 @@ class UNetConfig:
       raise ValueError(
           f"UNetConfig.norm_num_groups={self.norm_num_groups} does not divide the widths {bad}"
           f" of block_out_channels={self.block_out_channels}")
+    if self.latent_channels < 1:
+      raise ValueError(f"UNetConfig.latent_channels must be >= 1, got {self.latent_channels}")
+    for name in ("latent_mean", "latent_std"):
+      if len(getattr(self, name)) != self.latent_channels:
+        raise ValueError(
+            f"UNetConfig.{name} has {len(getattr(self, name))} values for"
+            f" latent_channels={self.latent_channels}: a decoder for other latents needs their"
+            " own per-channel statistics (measured over its training latents)")
+    if min(self.latent_std) <= 0 or self.scaling_factor <= 0:
+      raise ValueError("UNetConfig.latent_std and scaling_factor must be positive")
+    if self.in_channels is None:
+      fix("in_channels", 3 + self.latent_channels)
+    elif self.in_channels != 3 + self.latent_channels:
+      raise ValueError(
+          f"UNetConfig.in_channels={self.in_channels} but latent_channels="
+          f"{self.latent_channels}: the UNet takes the 3-channel image plus the latents, so"
+          f" in_channels must be {3 + self.latent_channels} (set latent_channels instead)")
+    if self.precision is not None and self.precision not in _PRECISIONS:
+      raise ValueError(f"UNetConfig.precision must be one of {_PRECISIONS} or None, got"
+                       f" {self.precision!r}")
 
   @property
   def time_embed_dim(self) -> int:
@@ -75,7 +130,15 @@ class UNetConfig:
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
+  @property
+  def matmul_precision(self) -> jax.lax.Precision:
+    """The precision every convolution and dense layer of the UNet is computed at."""
+    name = self.precision or ("highest" if self.dtype == "float32" else "default")
+    return jax.lax.Precision[name.upper()]
+
   def replace(self, **changes: Any) -> "UNetConfig":
+    if "latent_channels" in changes and "in_channels" not in changes:
+      changes["in_channels"] = None  # follows the new latent channel count
     return dataclasses.replace(self, **changes)
 
   def to_json(self) -> str:
@@ -83,7 +146,11 @@ class UNetConfig:
 
   @classmethod
   def from_json(cls, text: str) -> "UNetConfig":
+    """Reads `to_json`'s output, and that of earlier versions: a config written before the
+    latent space was part of it has no latent fields, and means the SD 1.x defaults."""
     fields = json.loads(text)
+    if not isinstance(fields, dict):
+      raise ValueError("UNetConfig JSON must be an object")
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ValueError(f"UNetConfig JSON has unknown fields {unknown}")

@@ -1,7 +1,7 @@
 """Latents on disk: which files a job reads, the latents they hold, and their output names.
 
 Inputs are `.npy`, `.npz` and `.safetensors` files, or directories of them (walked in sorted
-order). A file holds one latent (rank 3, e.g. (4, h, w) in NCHW) or a batch (rank 4); an
+order). A file holds one latent (rank 3, e.g. (C, h, w) in NCHW) or a batch (rank 4); an
 `.npz` or `.safetensors` file holds one or more such arrays under names.
 
 Output names are derived from input names, so they are stable from run to run:
@@ -36,7 +36,8 @@ import numpy as np
 from jaxconsdec import layout as layouts
 from jaxconsdec.convert import safetensors_file
 from jaxconsdec.files import TMP_PREFIX, open_regular, path_component_problem
-from jaxconsdec.sampler import UPSAMPLE
+from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
+from jaxconsdec.sampler import UPSAMPLE, channels_message
 
 EXTENSIONS = (".npy", ".npz", ".safetensors")
 # The largest image a job decodes unless told otherwise: 2048x2048 (a 256x256 latent). The
@@ -90,12 +91,14 @@ class ArrayHeader:
   fortran: bool              # column-major data (np.save of a transposed array)
 
 
-def list_latents(inputs: Sequence[str], *, layout: str, channels: int = 4,
-                 size_multiple: int = 1, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+def list_latents(inputs: Sequence[str], *, layout: str,
+                 config: UNetConfig = CONSISTENCY_DECODER,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                  exclude: Sequence[str] = ()) -> Listing:
   """Every latent the inputs hold, in a stable order, and every input that holds none.
 
-  size_multiple: 8*h and 8*w must divide by it (the UNet's downsampling factor).
+  config: the decoder, which fixes the latent channel count and the size images must divide
+    by (its downsampling factor).
   max_pixels: the largest image (8h * 8w pixels) accepted; None for no limit.
   exclude: folders never walked into (the job's own OUT_DIR, when it lies inside an input).
   """
@@ -114,7 +117,7 @@ def list_latents(inputs: Sequence[str], *, layout: str, channels: int = 4,
     for header in arrays:
       where = path + ("" if single_array else f"[{header.name!r}]")
       problem = (None if single_array else _array_name_problem(header.name)) or _check_shape(
-          header, layout, channels, size_multiple, max_pixels)
+          header, layout, config, max_pixels)
       if problem:
         listing.failures.append(Failure(where, problem))
         continue
@@ -229,22 +232,21 @@ def _array_name_problem(name: str) -> Optional[str]:
   return None
 
 
-def _check_shape(header: ArrayHeader, layout, channels, size_multiple,
-                 max_pixels) -> Optional[str]:
+def _check_shape(header: ArrayHeader, layout: str, config: UNetConfig,
+                 max_pixels: Optional[int]) -> Optional[str]:
+  size_multiple, channels = config.downsample_factor, config.latent_channels
   shape, dtype = header.shape, header.dtype
-  want = "(4, h, w) or (B, 4, h, w)" if layout == "NCHW" else "(h, w, 4) or (B, h, w, 4)"
+  c = channels
+  want = f"({c}, h, w) or (B, {c}, h, w)" if layout == "NCHW" else f"(h, w, {c}) or (B, h, w, {c})"
   if len(shape) not in (3, 4):
     return f"shape {shape} has rank {len(shape)}; a latent file holds {want} ({layout})"
   if not jnp.issubdtype(dtype, jnp.floating):  # float16/32/64 and bfloat16 (ml_dtypes)
     return f"dtype {dtype}; latents must be floats"
   caxis = layouts.channel_axis(layout) - 1
-  if shape[-3:][caxis] != channels:
-    msg = (f"shape {shape}: {shape[-3:][caxis]} channels where {layout} puts them, expected"
-           f" {channels} (Stable Diffusion 1.x/2.x latents)")
+  if shape[-3:][caxis] != config.latent_channels:
     other = "NHWC" if layout == "NCHW" else "NCHW"
-    if shape[-3:][layouts.channel_axis(other) - 1] == channels:
-      msg += f"; the shape fits --layout {other}"
-    return msg
+    return f"shape {shape}: " + channels_message(
+        shape[-3:][caxis], config, layout, shape[-3:][layouts.channel_axis(other) - 1])
   if 0 in shape:
     return f"shape {shape} is empty"
   if header.fortran and len(shape) == 4 and header.name:

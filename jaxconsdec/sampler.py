@@ -2,7 +2,8 @@
 
 Algorithm (SPEC section 2, the original OpenAI loop):
 
-    z  = nearest_upsample_x8((latents * 0.18215 - mean) / std)
+    z  = nearest_upsample_x8(((latents - shift) * scale - mean) / std)   # SD 1.x: shift 0,
+                                                                        # scale 0.18215
     x  = 0
     for t in timesteps:
         x = sqrt_acp[t] * x + sqrt_1m_acp[t] * noise_t
@@ -34,11 +35,6 @@ from jaxconsdec.schedule import NUM_TRAIN_TIMESTEPS, TABLES, timesteps_for
 from jaxconsdec.unet import UNet
 from jaxconsdec.weights import check_params
 
-# SD 1.x/2.x VAE latent statistics the decoder was trained on (SPEC section 2).
-LATENT_SCALE = 0.18215
-LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
-LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
-LATENT_CHANNELS = 4
 UPSAMPLE = 8  # latent pixel -> 8x8 image pixels
 
 
@@ -87,21 +83,16 @@ def _check_latents(latents, layout: str, config: UNetConfig) -> tuple[int, int, 
   shape = tuple(latents.shape)
   caxis = layouts.channel_axis(layout)
   if len(shape) == 3:
+    c = config.latent_channels
     raise ValueError(f"latents of shape {shape} are unbatched: decode takes a batch"
-                     f" ({'B, 4, h, w' if layout == 'NCHW' else 'B, h, w, 4'}); add a batch"
-                     f" axis with latents[None]")
+                     f" ({f'B, {c}, h, w' if layout == 'NCHW' else f'B, h, w, {c}'}); add a"
+                     " batch axis with latents[None]")
   if len(shape) != 4:
     raise ValueError(f"latents must have rank 4 ({layout}), got shape {shape}")
   channels = shape[caxis]
-  if channels != LATENT_CHANNELS:
-    msg = (f"latents have {channels} channels on axis {caxis} (layout={layout!r}); the"
-           f" Consistency Decoder decodes Stable Diffusion 1.x/2.x latents, which have 4.")
-    if channels == 16:
-      msg += " 16 channels are SD3/FLUX latents, which this decoder cannot decode."
-    other = "NHWC" if layout == "NCHW" else "NCHW"
-    if shape[layouts.channel_axis(other)] == LATENT_CHANNELS:
-      msg += f" The shape fits layout={other!r}: pass that if it is your layout."
-    raise ValueError(msg)
+  if channels != config.latent_channels:
+    raise ValueError(channels_message(channels, config, layout,
+                                      shape[layouts.channel_axis(_other(layout))]))
   if not jnp.issubdtype(latents.dtype, jnp.floating):
     raise TypeError(f"latents must be a float array, got dtype {latents.dtype}")
   b, h, w = (shape[0], *[d for i, d in enumerate(shape[1:], 1) if i != caxis])
@@ -111,6 +102,27 @@ def _check_latents(latents, layout: str, config: UNetConfig) -> tuple[int, int, 
     raise ValueError(f"image size {UPSAMPLE * h}x{UPSAMPLE * w} does not divide by the UNet's"
                      f" downsampling factor {config.downsample_factor}")
   return b, h, w
+
+
+def _other(layout: str) -> str:
+  return "NHWC" if layout == "NCHW" else "NCHW"
+
+
+def channels_message(channels: int, config: UNetConfig, layout: str,
+                     channels_if_other_layout: int) -> str:
+  """Why latents with `channels` channels cannot be decoded by `config`, and what might fix
+  it (the one wording for `decode` and the batch job's listing)."""
+  msg = f"latents have {channels} channels where {layout} puts them; "
+  if config.latent_channels == 4 and config.latent_mean == CONSISTENCY_DECODER.latent_mean:
+    msg += "the Consistency Decoder decodes Stable Diffusion 1.x/2.x latents, which have 4."
+    if channels == 16:
+      msg += " 16 channels are SD3/FLUX latents, which this decoder cannot decode."
+  else:
+    msg += f"this decoder takes {config.latent_channels}."
+  if channels_if_other_layout == config.latent_channels:
+    msg += (f" The shape fits layout={_other(layout)!r} (--layout {_other(layout)}): pass that"
+            " if it is your layout.")
+  return msg
 
 
 def _check_noise(noise, steps: int, out_shape: tuple[int, ...], layout: str) -> jax.Array:
@@ -136,12 +148,13 @@ def _unwrap_variables(params):
 def decode(params, latents, key, *, config: UNetConfig = CONSISTENCY_DECODER,
            schedule: Sequence[float] = (1.0, 0.5), clamp: bool = True,
            noise: Optional[Sequence[Any]] = None, layout: str = "NCHW") -> jax.Array:
-  """Decodes raw Stable Diffusion 1.x/2.x latents into images in [-1, 1].
+  """Decodes raw latents (of the latent space `config` describes) into images in [-1, 1].
 
   Args:
     params: the UNet param tree (from `params_from_torch`, a checkpoint, or `UNet.init`).
-    latents: *raw* SD latents, i.e. pipeline latents / 0.18215, (B, 4, h, w) for "NCHW" or
-      (B, h, w, 4) for "NHWC". Any float dtype.
+    latents: *raw* latents, i.e. pipeline latents / scaling_factor + shift_factor (for SD
+      1.x/2.x: / 0.18215), (B, C, h, w) for "NCHW" or (B, h, w, C) for "NHWC", C =
+      `config.latent_channels`. Any float dtype.
     key: one key for the batch (`jax.random.key`, a legacy uint32 key, or an int seed), or a
       batch of B keys, one per example. See the module docstring for how noise is derived.
     config: the architecture the params belong to.
@@ -165,10 +178,10 @@ def decode(params, latents, key, *, config: UNetConfig = CONSISTENCY_DECODER,
   b, h, w = _check_latents(latents, layout, config)
   params = _unwrap_variables(params)
   check_params(params, config)
-  keys = _batch_keys(key, b)
   out_shape = layouts.shape_in_layout(b, UPSAMPLE * h, UPSAMPLE * w, 3, layout)
   if noise is not None:
     noise = _check_noise(noise, len(timesteps), out_shape, layout)
+  keys = _batch_keys(key, b)  # computes (a small program): only once everything is checked
   program = _decode if xla_options.is_traced(params, latents, keys, noise) else (
       _top_level_decode(xla_options.platform_of(latents, keys)))
   return program(params, latents, keys, noise, config=config, timesteps=timesteps,
@@ -182,10 +195,14 @@ def _step_coefficients(timesteps: tuple[int, ...]) -> np.ndarray:
                    TABLES.c_in[t], TABLES.c_out[t], TABLES.c_skip[t]], axis=1)
 
 
-def prepare_latents(latents: jax.Array, layout: str) -> jax.Array:
-  """Raw latents -> the UNet's conditioning: normalised, x8 nearest upsampled, NHWC float32."""
+def prepare_latents(latents: jax.Array, layout: str,
+                    config: UNetConfig = CONSISTENCY_DECODER) -> jax.Array:
+  """Raw latents -> the UNet's conditioning: normalised with the config's latent space,
+  x8 nearest upsampled, NHWC float32."""
   z = layouts.to_nhwc(latents.astype(jnp.float32), layout)
-  z = (z * LATENT_SCALE - jnp.asarray(LATENT_MEAN)) / jnp.asarray(LATENT_STD)
+  mean = jnp.asarray(config.latent_mean, jnp.float32)
+  std = jnp.asarray(config.latent_std, jnp.float32)
+  z = ((z - config.shift_factor) * config.scaling_factor - mean) / std
   b, h, w, c = z.shape
   z = jnp.broadcast_to(z[:, :, None, :, None, :], (b, h, UPSAMPLE, w, UPSAMPLE, c))
   return z.reshape(b, h * UPSAMPLE, w * UPSAMPLE, c)
@@ -195,7 +212,7 @@ _STATIC_ARGS = ("config", "timesteps", "clamp", "layout")
 
 
 def _decode_impl(params, latents, keys, noise, *, config, timesteps, clamp, layout):
-  z = prepare_latents(latents, layout)
+  z = prepare_latents(latents, layout, config)
   b, height, width, _ = z.shape
   unet = UNet(config)
 

@@ -16,7 +16,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxconsdec.config import UNetConfig
 from jaxconsdec.precision import part_dtype
@@ -25,7 +24,13 @@ from jaxconsdec.precision import part_dtype
 def _conv(features: int, kernel: int, name: str, cfg: UNetConfig, dtype=None) -> nn.Conv:
   return nn.Conv(
       features, (kernel, kernel), padding=kernel // 2, name=name,
-      dtype=dtype or cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+      dtype=dtype or cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+      precision=cfg.matmul_precision)
+
+
+def _dense(features: int, name: str, cfg: UNetConfig, dtype=None) -> nn.Dense:
+  return nn.Dense(features, name=name, dtype=dtype or cfg.compute_dtype,
+                  param_dtype=jnp.dtype(cfg.param_dtype), precision=cfg.matmul_precision)
 
 
 def _group_norm(name: str, cfg: UNetConfig, dtype=None) -> nn.GroupNorm:
@@ -48,10 +53,17 @@ def _upsample_nearest(x: jax.Array) -> jax.Array:
 # and 2); odd rows 2i+1 see rows i (taps 0 and 1) and i+1 (tap 2). Columns alike. So each of
 # the four output phases is a 2x2 convolution of the *low-resolution* input with summed taps:
 # 16 multiplies per output pixel instead of 36, and no upsampled copy of the input.
-_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],    # even output rows/columns
-                        [[1, 1, 0], [0, 0, 1]]],   # odd
-                       np.float32)                 # (phase, 2 taps, 3 original taps)
+_PHASE_TAPS = (((0,), (1, 2)),                     # even output rows/columns: taps summed
+               ((0, 1), (2,)))                     # odd; (phase, new tap) -> original taps
 _PHASE_PADDING = ((1, 0), (0, 1))                  # even: rows i-1, i; odd: rows i, i+1
+
+
+def _phase_kernel(kernel: jax.Array, row_phase: int, col_phase: int) -> jax.Array:
+  """The 2x2 kernel of one output phase: sums of the 3x3 kernel's taps, written as plain
+  additions (exact in float32, and no matmul whose precision a platform could lower)."""
+  return jnp.stack([jnp.stack([sum(kernel[y, x] for y in ys for x in xs)
+                               for xs in _PHASE_TAPS[col_phase]])
+                    for ys in _PHASE_TAPS[row_phase]])
 
 
 class UpsampledConv(nn.Module):
@@ -64,6 +76,7 @@ class UpsampledConv(nn.Module):
   features: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  precision: jax.lax.Precision
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,10 +89,10 @@ class UpsampledConv(nn.Module):
     for a in range(2):
       phases = []
       for b in range(2):
-        k = jnp.einsum("py,qx,yxio->pqio", _PHASE_TAPS[a], _PHASE_TAPS[b], wide)
+        k = _phase_kernel(wide, a, b)
         phases.append(jax.lax.conv_general_dilated(
             x, k.astype(self.dtype), (1, 1), (_PHASE_PADDING[a], _PHASE_PADDING[b]),
-            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision))
       rows.append(jnp.stack(phases, axis=3))        # (B, H, W, 2: column phase, out)
     y = jnp.stack(rows, axis=2)                     # (B, H, 2: row phase, W, 2, out)
     bsz, h, _, w, _, c = y.shape
@@ -108,14 +121,13 @@ class ResnetBlock(nn.Module):
     if self.resample == "up":
       x = _upsample_nearest(x)
       h = UpsampledConv(self.out_channels, cfg.compute_dtype, jnp.dtype(cfg.param_dtype),
-                        name="conv1")(h)
+                        cfg.matmul_precision, name="conv1")(h)
     else:
       if self.resample == "down":
         x, h = _downsample_avg(x), _downsample_avg(h)
       h = _conv(self.out_channels, 3, "conv1", cfg)(h)
 
-    temb = nn.Dense(2 * self.out_channels, name="time_emb_proj", dtype=cfg.compute_dtype,
-                    param_dtype=jnp.dtype(cfg.param_dtype))(nn.silu(temb))
+    temb = _dense(2 * self.out_channels, "time_emb_proj", cfg)(nn.silu(temb))
     scale, shift = jnp.split(temb[:, None, None, :], 2, axis=-1)  # scale first, as torch.chunk
     h = _group_norm("norm2", cfg)(h) * (1 + scale) + shift
     h = _conv(self.out_channels, 3, "conv2", cfg)(nn.silu(h))
@@ -132,9 +144,7 @@ class TimestepEmbedding(nn.Module):
   @nn.compact
   def __call__(self, t_emb: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = lambda name: nn.Dense(
-        cfg.time_embed_dim, name=name, dtype=part_dtype(cfg, "time_embedding"),
-        param_dtype=jnp.dtype(cfg.param_dtype))
+    dense = lambda name: _dense(cfg.time_embed_dim, name, cfg, part_dtype(cfg, "time_embedding"))
     return dense("linear_2")(nn.silu(dense("linear_1")(t_emb)))
 
 

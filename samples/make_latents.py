@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from jaxconsdec.sampler import LATENT_MEAN, LATENT_SCALE, LATENT_STD
+from jaxconsdec.config import SD_LATENT_MEAN as LATENT_MEAN, SD_LATENT_STD as LATENT_STD
+from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 
 
 def smooth_latents(rng, batch, h, w):
