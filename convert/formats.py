@@ -24,11 +24,11 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxconsdec.config import UNetConfig
+from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.convert.errors import WeightFileError
-from jaxconsdec.convert import safetensors_file
+from jaxconsdec.convert import diffusers_config, safetensors_file
 from jaxconsdec.convert.torchscript import TorchScriptArchive
-from jaxconsdec.files import open_regular, read_json_object
+from jaxconsdec.files import open_regular
 
 DIFFUSERS_PREFIX = "decoder_unet."
 EXTRA_PREFIXES = ("encoder.", "quant_conv.")
@@ -119,7 +119,7 @@ class Weights:
   unet: LazyTensors          # diffusers UNet2DModel names (no prefix)
   extras: LazyTensors        # e.g. the SD VAE encoder of a ConsistencyDecoderVAE file
   sources: list[SourceInfo]
-  config_json: Optional[dict] = None  # a diffusers config.json found beside the file
+  config: UNetConfig         # the architecture: given, or from the config.json beside a file
 
 
 def sha256_of(path: str) -> str:
@@ -219,7 +219,7 @@ def _source(path, fmt, count, dtypes) -> SourceInfo:
 
 
 def _read_one(path: str, config: UNetConfig):
-  """-> (format, tensors under diffusers names or raw names, extras, SourceInfo, config.json)."""
+  """-> (format, tensors under diffusers names or raw names, extras, SourceInfo)."""
   levels = len(config.block_out_channels)
   empty = LazyTensors({}, {})
   if _sniff(path) == "zip":
@@ -228,17 +228,16 @@ def _read_one(path: str, config: UNetConfig):
   fmt = _classify_safetensors(path, tensors.specs)
   info = _source(path, fmt, len(tensors), sorted({str(d) for _, d in tensors.specs.values()}))
   if fmt == "embedding":
-    return fmt, tensors.subset({"weight": "time_proj.weight"}), empty, info, None
+    return fmt, tensors.subset({"weight": "time_proj.weight"}), empty, info
   if fmt == "diffusers":
     unet = tensors.subset({k: k[len(DIFFUSERS_PREFIX):] for k in tensors
                            if k.startswith(DIFFUSERS_PREFIX)})
     extras = tensors.subset({k: k for k in tensors if not k.startswith(DIFFUSERS_PREFIX)})
-    return fmt, unet, extras, info, _config_json_beside(path)
+    return fmt, unet, extras, info
   if fmt == "raw":
     # Unknown names are kept as they are, so strict loading reports them as unexpected.
-    return (fmt, tensors.subset({k: raw_to_diffusers(k, levels) or k for k in tensors}), empty,
-            info, None)
-  return fmt, tensors, empty, info, None
+    return fmt, tensors.subset({k: raw_to_diffusers(k, levels) or k for k in tensors}), empty, info
+  return fmt, tensors, empty, info
 
 
 def _read_torchscript(path: str, config: UNetConfig):
@@ -275,56 +274,25 @@ def _read_torchscript(path: str, config: UNetConfig):
     specs[name] = (ref.shape, ref.storage.dtype)
   dtypes = sorted({str(r.storage.dtype) for r in archive.tensors.values()})
   info = _source(path, "torchscript", len(archive.tensors) + len(archive.constants), dtypes)
-  return "torchscript", LazyTensors(readers, specs), LazyTensors({}, {}), info, None
+  return "torchscript", LazyTensors(readers, specs), LazyTensors({}, {}), info
 
 
-MAX_CONFIG_JSON_BYTES = 1 << 20
-
-
-def _config_json_beside(path: str) -> Optional[dict]:
-  """The diffusers config.json in the weight file's folder, if there is one."""
-  beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-  if not os.path.lexists(beside):
-    return None
-  try:
-    return read_json_object(beside, MAX_CONFIG_JSON_BYTES)
-  except (OSError, ValueError) as e:
-    raise WeightFileError(f"{beside}: unreadable config.json next to {path} ({e})")
-
-
-# diffusers ConsistencyDecoderVAE config.json field -> UNetConfig field.
-CONFIG_JSON_FIELDS = {
-    "decoder_block_out_channels": "block_out_channels",
-    "decoder_layers_per_block": "layers_per_block",
-    "decoder_norm_num_groups": "norm_num_groups", "decoder_norm_eps": "norm_eps",
-    "decoder_in_channels": "in_channels", "decoder_out_channels": "out_channels",
-    "decoder_num_train_timesteps": "num_train_timesteps",
-}
-
-
-def check_config_json(config_json: dict, config: UNetConfig, where: str) -> None:
-  diffs = []
-  for src, field in CONFIG_JSON_FIELDS.items():
-    if src in config_json:
-      value = config_json[src]
-      ours = getattr(config, field)
-      if (tuple(value) if isinstance(value, list) else value) != ours:
-        diffs.append(f"{src}={value!r} but the model being built has {field}={ours!r}")
-  if diffs:
-    raise WeightFileError(f"{where} describes another architecture: " + "; ".join(diffs)
-                          + ". Pass the matching --config.")
-
-
-def read_weights(paths: Sequence[str], config: UNetConfig,
+def read_weights(paths: Sequence[str], config: Optional[UNetConfig] = None,
                  embedding: Optional[str] = None) -> Weights:
-  """Reads one weight file, or a raw file plus its embedding file, as diffusers names."""
+  """Reads one weight file, or a raw file plus its embedding file, as diffusers names.
+
+  config: the architecture. A diffusers-layout safetensors file with a config.json beside it
+  describes itself, and a `config` given too must agree with it; other files are the
+  released decoder unless `config` says otherwise. `Weights.config` is the one used.
+  """
   paths = list(paths) + ([embedding] if embedding else [])
   if not paths:
     raise WeightFileError("no weight file given")
+  config = _config_for(paths[0], config)
   unet, extras = LazyTensors({}, {}), LazyTensors({}, {})
-  sources, formats, config_json = [], [], None
+  sources, formats = [], []
   for path in paths:
-    fmt, tensors, more, info, found_json = _read_one(path, config)
+    fmt, tensors, more, info = _read_one(path, config)
     formats.append(fmt)
     sources.append(info)
     # An explicit --embedding file replaces a table the weight file already has; an embedding
@@ -339,17 +307,23 @@ def read_weights(paths: Sequence[str], config: UNetConfig,
                             " embedding file for the raw layout)")
     unet.update(tensors)
     extras.update(more)
-    config_json = config_json or found_json
   main = [f for f in formats if f != "embedding"]
   if len(main) != 1:
     raise WeightFileError(f"expected one weight file (plus an optional embedding file), got"
                           f" formats {formats} for {paths}")
-  if config_json is not None:
-    check_config_json(config_json, config, f"config.json beside {paths[0]}")
   if "time_proj.weight" not in unet:
     raise WeightFileError(
         f"{paths[0]}: no time-embedding table [{config.num_train_timesteps},"
         f" {config.block_out_channels[0]}] in this {main[0]} file (not as a parameter, not as a"
         " constant). Supply it with --embedding FILE: a safetensors file with one tensor"
         " `weight` (the community's embedding.safetensors).")
-  return Weights(unet, extras, sources, config_json)
+  return Weights(unet, extras, sources, config)
+
+
+def _config_for(path: str, explicit: Optional[UNetConfig]) -> UNetConfig:
+  """diffusers-layout safetensors files describe themselves (diffusers_config.resolve)."""
+  if _sniff(path) == "safetensors":
+    _, specs = _safetensors_tensors(path)  # the header only
+    if _classify_safetensors(path, specs) in ("diffusers", "unet2d"):
+      return diffusers_config.resolve(path, explicit)
+  return explicit or CONSISTENCY_DECODER

@@ -233,24 +233,41 @@ def identity(path: str | Sequence[str]) -> str:
 
 
 def load(path: str | Sequence[str], *, dtype=None, sharding=None,
-         config: UNetConfig = CONSISTENCY_DECODER, embedding: Optional[str] = None):
+         config: Optional[UNetConfig] = None, embedding: Optional[str] = None):
   """-> (params, config) from a jaxconsdec checkpoint folder, or any PyTorch weight file the
-  converter reads (converted in memory; `config` and `embedding` apply only to those).
+  converter reads (converted in memory).
 
   dtype: cast every param to this dtype on restore (default: as stored).
   sharding: a `jax.sharding.Sharding` the params are restored directly onto (default: the
     current default device, `jax.default_device` included).
+  config: the architecture of a PyTorch file. A diffusers file with a config.json beside it
+    describes itself (a config given too must agree); other files default to the released
+    decoder. For a checkpoint folder the stored config is used; one given must agree.
+  embedding: the time-embedding table for the raw safetensors layout.
   """
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
   if len(paths) == 1 and os.path.isdir(paths[0]):
-    return _load_checkpoint(os.fspath(paths[0]), dtype, sharding)
+    params, stored = _load_checkpoint(os.fspath(paths[0]), dtype, sharding)
+    _check_same_architecture(stored, config, os.fspath(paths[0]))
+    return params, stored
   from jaxconsdec.convert import read_weights
   weights = read_weights(paths, config, embedding)
-  params = params_from_torch(weights.unet, config)
+  params = params_from_torch(weights.unet, weights.config)
   if dtype is not None or sharding is not None:
     params = jax.tree.map(lambda x: jax.device_put(x.astype(dtype or x.dtype), sharding)
                           if sharding is not None else x.astype(dtype or x.dtype), params)
-  return params, config
+  return params, weights.config
+
+
+def _check_same_architecture(stored: UNetConfig, given: Optional[UNetConfig], where: str):
+  from jaxconsdec.convert.diffusers_config import ARCHITECTURE
+  if given is None:
+    return
+  diffs = [f"{name}: {getattr(stored, name)!r} stored, {getattr(given, name)!r} given"
+           for name in ARCHITECTURE if getattr(stored, name) != getattr(given, name)]
+  if diffs:
+    raise CheckpointError(f"{where} holds another architecture than the config given: "
+                     + "; ".join(diffs) + ". A checkpoint knows its config: pass none.")
 
 
 def default_device() -> jax.Device:

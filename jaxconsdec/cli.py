@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 import warnings
+from typing import Optional
 
 from jaxconsdec.latent_files import DEFAULT_MAX_PIXELS
 
@@ -64,7 +65,8 @@ def _sample(args: argparse.Namespace) -> int:
         "noise-like, not a decoded picture. This command shows the pipeline runs end to end.")
   h = args.size // 8
   # Sample latents: a smooth random field at the scale of raw SD latents (std ~ 1/0.18215).
-  latents = jax.random.normal(jax.random.key(args.seed + 1), (1, 4, h, h)) / jcd.sampler.LATENT_SCALE
+  latents = jax.random.normal(jax.random.key(args.seed + 1),
+                              (1, config.latent_channels, h, h)) / config.scaling_factor
   start = time.perf_counter()
   params = jcd.random_params(config, seed=args.seed)
   images = jcd.decode(params, latents, args.seed, config=config, schedule=schedule)
@@ -75,16 +77,18 @@ def _sample(args: argparse.Namespace) -> int:
   return EXIT_OK
 
 
-def _config_arg(value: str):
+def _config_arg(value: Optional[str]):
+  """--config / --random-weights: a preset name, a jaxconsdec JSON or a diffusers
+  config.json; None when not given (the weights' own, or the released decoder)."""
   import jaxconsdec as jcd
+  from jaxconsdec.convert import read_config
+  if value is None:
+    return None
   if value in PRESETS:
     return {"released": jcd.CONSISTENCY_DECODER, "tiny": jcd.TINY}[value]
-  try:
-    with open(value) as f:
-      return jcd.UNetConfig.from_json(f.read(1 << 20))
-  except (OSError, ValueError, TypeError) as e:
-    raise UsageError(f"--config {value}: not {' or '.join(PRESETS)}, nor a readable UNetConfig"
-                     f" JSON file ({e})")
+  if not os.path.exists(value):
+    raise UsageError(f"--config {value}: neither {' nor '.join(PRESETS)} nor an existing file")
+  return read_config(value)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -97,11 +101,13 @@ def _convert(args: argparse.Namespace) -> int:
   # Everything that can be wrong with the command is found before the slow reading.
   if checkpoint.check_replaceable(args.output) and not args.force:
     raise UsageError(f"{args.output} exists; pass --force to replace it")
-  config = _config_arg(args.config).replace(param_dtype=args.dtype)
-  weights = read_weights(args.sources, config, args.embedding)
+  explicit = _config_arg(args.config)
+  weights = read_weights(args.sources, explicit, args.embedding)
+  config = weights.config.replace(param_dtype=args.dtype)
   for src in weights.sources:
     print(f"found {src.path}: format {src.format}, {src.tensor_count} tensors,"
           f" dtype {'/'.join(src.dtypes)}, {src.size:,} bytes")
+  print(f"architecture: {_describe_config(config)}")
   params = params_from_torch(weights.unet, config)
   extras = None
   if len(weights.extras):
@@ -124,6 +130,12 @@ def _convert(args: argparse.Namespace) -> int:
   extra_note = f" and {len(weights.extras)} extra tensors (SD VAE encoder)" if extras else ""
   print(f"wrote {args.output}: {param_count(config):,} parameters in {args.dtype}{extra_note}")
   return EXIT_OK
+
+
+def _describe_config(config) -> str:
+  return (f"widths {config.block_out_channels}, {config.layers_per_block} layers per block,"
+          f" {config.latent_channels}-channel latents (scaling {config.scaling_factor},"
+          f" shift {config.shift_factor})")
 
 
 def _ctrl_c_requests_stop(message: str) -> threading.Event:
@@ -315,8 +327,10 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="dtype the params are stored in (default float32)")
   convert.add_argument("--embedding", help="safetensors file holding the time-embedding table")
-  convert.add_argument("--config", default="released",
-                       help="architecture: released (default), tiny, or a UNetConfig JSON file")
+  convert.add_argument("--config",
+                       help="architecture: released, tiny, a jaxconsdec UNetConfig JSON or a"
+                       " diffusers config.json (default: the config.json beside a diffusers"
+                       " file, else released)")
   convert.add_argument("--force", action="store_true",
                        help="replace an existing checkpoint at OUT (nothing else is replaced)")
   _add_verbose(convert)
@@ -333,8 +347,9 @@ def _parser() -> argparse.ArgumentParser:
                        " decoder.pt / a *.safetensors weight file (converted in memory)")
   weights.add_argument("--random-weights", choices=PRESETS,
                        help="RANDOMLY INITIALISED model of this size: a smoke test only")
-  dec.add_argument("--config", default="released",
-                   help="architecture of a PyTorch weight file: released (default), tiny, JSON")
+  dec.add_argument("--config",
+                   help="architecture of a PyTorch weight file, as for convert (default: the"
+                   " config.json beside a diffusers file, else released)")
   dec.add_argument("--embedding", help="time-embedding table for the raw safetensors layout")
   dec.add_argument("--batch-size", type=int, default=8,
                    help="global batch per step, rounded up to a multiple of the device count")
