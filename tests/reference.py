@@ -13,6 +13,11 @@ from diffusers.schedulers.scheduling_consistency_decoder import ConsistencyDecod
 from jaxconsdec.config import UNetConfig
 from jaxconsdec.weights import torch_key_to_path, torch_to_flax_layout
 
+# The reference computes in true float32: no TF32 on GPUs, no reduced matmul precision.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
+
 
 def rel_err(jax_out, torch_out) -> float:
   """||jax - torch|| / ||torch||, in float64."""
@@ -78,6 +83,22 @@ def diffusers_vae(cfg: UNetConfig, seed: int) -> ConsistencyDecoderVAE:
   return vae.eval()
 
 
+def diffusers_vae_decode(vae: ConsistencyDecoderVAE, latents: np.ndarray, noises,
+                         monkeypatch) -> torch.Tensor:
+  """diffusers' `ConsistencyDecoderVAE.decode` with injected noise: its decode and its
+  scheduler each draw through their module's `randn_tensor`, in step order."""
+  from diffusers.models.autoencoders import consistency_decoder_vae as vae_module
+  from diffusers.schedulers import scheduling_consistency_decoder as sched_module
+  queue = [torch.from_numpy(n) for n in noises]
+  fake = lambda shape, **kw: queue.pop(0)
+  monkeypatch.setattr(vae_module, "randn_tensor", fake)
+  monkeypatch.setattr(sched_module, "randn_tensor", fake)
+  with torch.no_grad():
+    out = vae.decode(torch.from_numpy(latents)).sample
+  assert not queue, "diffusers drew fewer noises than given"
+  return out
+
+
 def state_dict_numpy(module: torch.nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()
           if k.startswith(prefix)}
@@ -119,18 +140,25 @@ def original_timesteps(schedule) -> list[int]:
   return [int(ts[int((1024 - 1) * s)].item()) for s in schedule]
 
 
+SD_MEANS = (0.38862467, 0.02253063, 0.07381133, -0.0171294)  # SPEC section 2
+SD_STDS = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
+
+
 @torch.no_grad()
 def original_decode(unet: UNet2DModel, latents: torch.Tensor, schedule, noises,
-                    clamp: bool = True) -> torch.Tensor:
+                    clamp: bool = True, scaling: float = 0.18215, shift: float = 0.0,
+                    means=SD_MEANS, stds=SD_STDS) -> torch.Tensor:
   """OpenAI's ConsistencyDecoder.__call__ loop in torch (fp32), with injected noise.
 
   The original's UNet is the TorchScript module; here it is the diffusers UNet2DModel with
-  the same weights. Tables: diffusers' scheduler, built with torch like the original's.
+  the same weights. Tables: diffusers' scheduler, built with torch like the original's. The
+  latent normalisation is the original's, `(latents * 0.18215 - means) / stds`, generalised
+  to another VAE's latents as `((latents - shift) * scaling - means) / stds` (TRAINING.md 3).
   """
   sched = ConsistencyDecoderScheduler()
-  means = torch.tensor([0.38862467, 0.02253063, 0.07381133, -0.0171294])[None, :, None, None]
-  stds = torch.tensor([0.9654121, 1.0440036, 0.76147926, 0.77022034])[None, :, None, None]
-  z = (latents * 0.18215 - means) / stds
+  means = torch.tensor(means, dtype=torch.float32)[None, :, None, None]
+  stds = torch.tensor(stds, dtype=torch.float32)[None, :, None, None]
+  z = ((latents - shift) * scaling - means) / stds
   z = torch.nn.functional.interpolate(z, mode="nearest", scale_factor=8)
   x = torch.zeros((z.shape[0], 3, z.shape[2], z.shape[3]))
   for t, noise in zip(original_timesteps(schedule), noises):

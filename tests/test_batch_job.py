@@ -1,6 +1,5 @@
 """The batch job in one process: equal to `decode`, resumable, and honest about bad inputs."""
 
-import hashlib
 import json
 import os
 
@@ -10,8 +9,9 @@ import pytest
 
 import jaxconsdec as jcd
 from jaxconsdec import batch, cli
-from jaxconsdec.sampler import LATENT_SCALE
+from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from jaxconsdec.sharded import ShardedDecoder
+from job_keys import documented_key
 
 CFG = jcd.TINY
 
@@ -35,13 +35,6 @@ def _outputs(folder):
                 for r, _, fs in os.walk(folder) for f in fs)
 
 
-def _documented_key(seed, name):
-  """The README's noise scheme 2, written out here: the first 8 bytes of SHA-256(name) as a
-  little-endian 64-bit number, folded into key(seed) as its high then its low 32 bits."""
-  h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), h >> 32), h & 0xFFFFFFFF)
-
-
 def test_job_outputs_equal_decode_with_the_name_keyed_noise(tmp_path, params):
   lat = _latents(1, 5, 4, 4, 4)
   np.save(tmp_path / "b.npy", lat)
@@ -51,7 +44,7 @@ def test_job_outputs_equal_decode_with_the_name_keyed_noise(tmp_path, params):
                          str(tmp_path / "out"), _settings(), batch_size=2, progress=False)
   assert (report.total, report.decoded, report.failures) == (6, 6, [])
   for i in range(5):
-    want = np.asarray(jcd.decode(params, lat[i:i + 1], _documented_key(5, f"b-{i}")[None],
+    want = np.asarray(jcd.decode(params, lat[i:i + 1], documented_key(5, f"b-{i}")[None],
                                  config=CFG))[0]
     got = np.load(tmp_path / "out" / f"b-{i}.npy")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

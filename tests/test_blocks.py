@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compares against PyTorch; skipped without it
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 
@@ -54,7 +55,7 @@ def test_upsampled_conv_is_conv_of_nearest_upsampled_input():
     up = torch.nn.functional.interpolate(nchw(x), scale_factor=2.0, mode="nearest")
     want = torch.nn.functional.conv2d(up, torch.from_numpy(kernel).permute(3, 2, 0, 1),
                                       torch.from_numpy(bias), padding=1)
-  module = UpsampledConv(9, jnp.float32, jnp.float32)
+  module = UpsampledConv(9, jnp.float32, jnp.float32, jax.lax.Precision.HIGHEST)
   variables = {"params": {"kernel": kernel, "bias": bias}}
   got = module.apply(variables, x)
   assert got.shape == (2, 10, 14, 9)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compares against PyTorch; skipped without it
 import torch
 
 import jaxconsdec as jcd

@@ -19,9 +19,7 @@ import jaxconsdec as jcd
 from jaxconsdec import cli
 from jaxconsdec.convert import safetensors_file
 from hostile import leftovers, run_cli, snapshot
-from reference import diffusers_unet
 from simulated_devices import run_on_simulated_devices
-import weight_files
 
 GIB = 1 << 30
 
@@ -29,6 +27,9 @@ GIB = 1 << 30
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
   """A TINY UNet2DModel safetensors file (the converter's cheapest real input)."""
+  pytest.importorskip("torch")  # diffusers writes it; the tests without it need no torch
+  import weight_files
+  from reference import diffusers_unet
   path = str(tmp_path_factory.mktemp("weights") / "unet.safetensors")
   weight_files.write_unet2d(path, diffusers_unet(jcd.TINY, seed=60))
   return path

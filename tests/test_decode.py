@@ -4,21 +4,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compares against PyTorch; skipped without it
 import torch
-from diffusers.models.autoencoders import consistency_decoder_vae as vae_module
 from diffusers.schedulers import scheduling_consistency_decoder as sched_module
 
 import jaxconsdec as jcd
 from jaxconsdec import sampler
-from reference import diffusers_unet, diffusers_vae, original_decode, rel_err, state_dict_numpy
+from reference import (diffusers_unet, diffusers_vae, diffusers_vae_decode, original_decode,
+                       rel_err, state_dict_numpy)
 
 DECODE_TOL = 1e-4
 # bf16 compute vs the fp32 reference. bf16 keeps 8 significant bits: each conv output is
 # rounded to a relative 2^-9 ~ 2e-3, and the rounding of ~15 ResBlocks of the tiny model (40
 # in the released one) adds up roughly as a random walk, sqrt(15) x 2e-3 ~ 8e-3 per UNet
-# call, amplified at most ~2x by the second step. 3e-2 is that with a 2x margin; fp32 noise
-# alone is 4 orders of magnitude below it, so the check still catches any real error
-# (a wrong float32 part, a dtype leak into the schedule).
+# call, amplified at most ~2x by the second step. 3e-2 is that with a 2x margin. A bound this
+# loose cannot see a wrong float32 part or a dtype leak into the schedule: those are checked
+# in the lowered program (test_precision.py) and against the float64 schedule below
+# (test_reduced_precision_keeps_the_schedule_arithmetic_in_float32).
 BF16_TOL = 3e-2
 
 
@@ -37,15 +39,7 @@ def test_decode_matches_diffusers_consistency_decoder_vae(monkeypatch):
   vae = diffusers_vae(cfg, seed=21)
   params = jcd.params_from_torch(state_dict_numpy(vae.decoder_unet), cfg)
   noises = _noise(rng, 2, (2, 3, 32, 48))
-  # Inject the same noise into diffusers: its decode and its scheduler each draw through
-  # their module's `randn_tensor`, in step order.
-  queue = [torch.from_numpy(n) for n in noises]
-  fake = lambda shape, **kw: queue.pop(0)
-  monkeypatch.setattr(vae_module, "randn_tensor", fake)
-  monkeypatch.setattr(sched_module, "randn_tensor", fake)
-  with torch.no_grad():
-    want = vae.decode(torch.from_numpy(latents)).sample
-  assert not queue  # both noises were consumed
+  want = diffusers_vae_decode(vae, latents, noises, monkeypatch)
   got = jcd.decode(params, latents, 0, config=cfg, clamp=False, noise=noises)
   err = rel_err(got, want)
   print(f"\ndecode vs diffusers ConsistencyDecoderVAE: rel err {err:.3e}")
@@ -188,3 +182,25 @@ def test_an_xla_option_this_jaxlib_does_not_know_falls_back_once(monkeypatch):
   finally:
     xla_options._accepted.cache_clear()
     sampler._top_level_decode.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_keeps_the_schedule_arithmetic_in_float32(dtype):
+  """With every UNet parameter zero the UNet outputs exactly 0 in any dtype, so the decode is
+  the sampler's schedule arithmetic alone: it must match diffusers' float32 tables, computed
+  here in float64, to float32 rounding. A coefficient or the image rounded to bf16 or fp16 on
+  the way (a dtype leak into the schedule) is off by ~1e-3 and fails; the error-bound test
+  above, at 3e-2, would not see it."""
+  cfg = jcd.TINY.replace(dtype=dtype, param_dtype=dtype)
+  params = jax.tree.map(jnp.zeros_like, jcd.random_params(cfg, 0))
+  rng = np.random.default_rng(37)
+  latents = (rng.standard_normal((1, 4, 2, 2)) / 0.18215).astype(np.float32)
+  noises = _noise(rng, 2, (1, 3, 16, 16))
+  got = jcd.decode(params, latents, 0, config=cfg, noise=noises, clamp=False)
+  sched = sched_module.ConsistencyDecoderScheduler()
+  table = lambda name, t: float(getattr(sched, name)[t])
+  x = np.zeros((1, 3, 16, 16))
+  for t, noise in zip((1008, 512), noises):
+    x = table("sqrt_alphas_cumprod", t) * x + table("sqrt_one_minus_alphas_cumprod", t) * noise
+    x = table("c_skip", t) * x  # c_out * 0 + c_skip * x
+  np.testing.assert_allclose(np.asarray(got, np.float64), x, rtol=2e-6, atol=1e-9)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from jaxconsdec.files import TMP_PREFIX
-from jaxconsdec.sampler import LATENT_SCALE
+from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from hostile import cli_command
 from simulated_devices import run_on_simulated_devices
 

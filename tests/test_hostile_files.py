@@ -10,6 +10,7 @@ import pytest
 
 import jaxconsdec as jcd
 from jaxconsdec import cli
+pytest.importorskip("torch")  # compares against PyTorch; skipped without it
 from reference import diffusers_unet
 import weight_files
 

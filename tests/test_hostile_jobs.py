@@ -11,7 +11,7 @@ import pytest
 
 from jaxconsdec import cli
 from jaxconsdec.files import TMP_PREFIX
-from jaxconsdec.sampler import LATENT_SCALE
+from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from hostile import (deflate_bomb_npz, leftovers, npy_header_only, npz_with_names, run_cli,
                      snapshot)
 

@@ -11,10 +11,8 @@ import pytest
 
 import jaxconsdec as jcd
 from jaxconsdec import batch, checkpoint, cli, files
-from jaxconsdec.sampler import LATENT_SCALE
+from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from hostile import leftovers, run_cli
-from reference import diffusers_unet
-import weight_files
 
 COMMON = ["--random-weights", "tiny", "--no-compile-cache", "--no-progress"]
 
@@ -25,6 +23,15 @@ def _latent(*shape, seed=0):
 
 def _decode(*args):
   return cli.main(["decode", *map(str, args)])
+
+
+def _unet_file(path, seed):
+  """A UNet2DModel safetensors file written by diffusers (the tests that need one need torch)."""
+  pytest.importorskip("torch")
+  import weight_files
+  from reference import diffusers_unet
+  weight_files.write_unet2d(str(path), diffusers_unet(jcd.TINY, seed=seed))
+  return str(path)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -90,7 +97,7 @@ def test_weights_are_identified_by_content_not_name_and_size(tmp_path, capsys):
   a, b = tmp_path / "a" / "unet.safetensors", tmp_path / "b" / "unet.safetensors"
   for path, seed in ((a, 61), (b, 62)):
     path.parent.mkdir()
-    weight_files.write_unet2d(str(path), diffusers_unet(jcd.TINY, seed=seed))
+    _unet_file(path, seed)
   assert os.path.getsize(a) == os.path.getsize(b)
   (tmp_path / "in").mkdir()
   np.save(tmp_path / "in" / "x.npy", _latent(4, 2, 2))
@@ -126,8 +133,7 @@ def _modes(root):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_outputs_and_checkpoints_get_the_modes_the_umask_gives(tmp_path, umask, capsys):
-  src = str(tmp_path / "unet.safetensors")
-  weight_files.write_unet2d(src, diffusers_unet(jcd.TINY, seed=63))
+  src = _unet_file(tmp_path / "unet.safetensors", 63)
   (tmp_path / "in" / "sub").mkdir(parents=True)
   np.save(tmp_path / "in" / "sub" / "x.npy", _latent(2, 4, 2, 2))
   (tmp_path / "in" / "bad.npy").write_bytes(b"")  # so that failures.json is written

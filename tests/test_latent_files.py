@@ -5,6 +5,7 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxconsdec.config import UNetConfig
 from jaxconsdec.latent_files import LatentReader, list_latents
 
 
@@ -43,7 +44,8 @@ def test_bad_inputs_are_named_with_a_reason(tmp_path):
   np.save(d / "odd.npy", _latents(4, 3, 3))
   inputs = [str(d / n) for n in ("rank2.npy", "three.npy", "ints.npy", "empty.npy",
                                  "garbage.npy", "nolatents", "x.txt", "missing.npy", "odd.npy")]
-  listing = list_latents(inputs, layout="NCHW", size_multiple=16)
+  five_levels = UNetConfig(block_out_channels=(8,) * 5, norm_num_groups=8)  # divides by 16
+  listing = list_latents(inputs, layout="NCHW", config=five_levels)
   items, failures = listing.items, listing.failures
   assert items == []
   reasons = {os.path.basename(f.input): f.reason for f in failures}
@@ -68,7 +70,7 @@ def test_layout_hint_and_name_clash(tmp_path):
                                   str(tmp_path / "b")], layout="NCHW")
   items, failures = listing.items, listing.failures
   assert [i.name for i in items] == ["same"]
-  assert "fits --layout NHWC" in failures[0].reason
+  assert "(--layout NHWC)" in failures[0].reason
   assert "already taken" in failures[1].reason
 
 

@@ -2,6 +2,7 @@
 and no top-level `convert` module is installed."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,7 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_wheel_ships_the_converter_as_jaxconsdec_convert_only(tmp_path):
   # --no-build-isolation: the environment's setuptools (pyproject asks >= 77) builds it, so
   # the test needs no network.
-  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps",
+  # A copy of the sources, so that the build leaves nothing (build/, egg-info) in the tree.
+  src = tmp_path / "src"
+  shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+      ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                          "--no-build-isolation", "-q", "-w", str(tmp_path)],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

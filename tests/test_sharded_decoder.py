@@ -11,7 +11,7 @@ import pytest
 
 import jaxconsdec as jcd
 from jaxconsdec import batch, cli
-from jaxconsdec.sampler import LATENT_SCALE
+from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from jaxconsdec.sharded import ShardedDecoder
 
 CFG = jcd.TINY

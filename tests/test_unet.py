@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compares against PyTorch; skipped without it
 import torch
 
 import jaxconsdec as jcd

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compares against PyTorch; skipped without it
 import torch
 from diffusers import UNet2DModel
 
