@@ -4,7 +4,7 @@ For each size and precision: the argument (params + latents), output and tempora
 XLA assigns, and their sum. With --devices N (simulated CPU devices when no accelerator has
 that many) it also compiles the height-sharded decode and reports the per-device figures.
 
-Usage: python benchmarks/memory.py [--sizes 1024,2048] [--devices 4]
+Usage: python benchmarks/memory.py [--sizes 1024,2048] [--devices 4] [--out FILE.json]
 """
 
 import argparse
@@ -19,6 +19,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default="512,1024,2048")
   parser.add_argument("--devices", type=int, default=4)
+  parser.add_argument("--out", help="result path (default benchmarks/results/memory_<backend>.json)")
   args = parser.parse_args()
   if args.devices > 1 and "jax" not in sys.modules:
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
@@ -55,8 +56,8 @@ def main():
   result = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
             "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:])}
-  os.makedirs("benchmarks/results", exist_ok=True)
-  name = f"benchmarks/results/memory_{jax.default_backend()}.json"
+  name = args.out or f"benchmarks/results/memory_{jax.default_backend()}.json"
+  os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
   with open(name, "w") as f:
     json.dump(result, f, indent=2)
   print(f"\n| image | dtype | devices | per-device total (GiB) | temp | args | out | compile s |")

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU figure benchmarks/README.md asks for, in one command (about 8 minutes on one H100):
+#   1. 512², batch 8, bf16: images/s and MFU against diffusers fp16 eager and fp16 +
+#      channels_last + torch.compile            -> results/decode_speed_gpu_512.{json,md}
+#   2. 1024², batch 4, bf16, against fp16 eager -> results/decode_speed_gpu_1024.{json,md}
+#   3. 1024², batch 1, bf16: the device's peak memory of one decode (target <= 8 GiB)
+#                                                -> results/decode_speed_gpu_1024_b1.{json,md}
+#   4. compiled memory (XLA's analysis) at 1024², bf16 and f32 -> results/memory_gpu.json
+# Each step is its own process, so each peak belongs to its step.
+#
+# The GPU machine's Python has jax (CUDA), flax, optax, orbax-checkpoint and torch, and no
+# network: diffusers and the rest come from benchmarks/wheels (make it here with
+# benchmarks/fetch_wheels.sh and carry it along). jaxconsdec itself runs from the tree.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU
+#   bash benchmarks/gpu_check.sh --dry-run  # anywhere: tiny widths, 64², the same steps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# JAX would otherwise take 75% of the GPU at start, leaving torch (the reference) too little.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+if ! python3 -c "import diffusers, tqdm, PIL" 2>/dev/null; then
+  if [ ! -d benchmarks/wheels ]; then
+    echo "diffusers is not installed and benchmarks/wheels is missing: run" \
+         "benchmarks/fetch_wheels.sh where PyPI is reachable and carry the folder" >&2
+    exit 2
+  fi
+  python3 -m pip install -q --no-index --find-links benchmarks/wheels \
+    diffusers==0.42.1 "tqdm>=4.66,<5" "Pillow>=12,<14"
+fi
+
+if [ "${1:-}" = "--dry-run" ]; then
+  out=benchmarks/results/dry_run
+  mkdir -p "$out"
+  common=(--tiny --dtype bfloat16 --repeats 1)
+  python3 benchmarks/decode_speed.py "${common[@]}" --sizes 64 --batches 2 \
+    --reference fp16,fp16-compile --out "$out/decode_speed_512"
+  python3 benchmarks/decode_speed.py "${common[@]}" --sizes 64 --batches 2 --reference fp16 \
+    --out "$out/decode_speed_1024"
+  python3 benchmarks/decode_speed.py "${common[@]}" --sizes 64 --batches 1 --reference fp16 \
+    --out "$out/decode_speed_1024_b1"
+  python3 benchmarks/memory.py --sizes 64 --devices 1 --out "$out/memory.json"
+  echo "dry run done: $out"
+  exit 0
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+  | tee benchmarks/results/gpu_device.txt
+python3 benchmarks/decode_speed.py --sizes 512 --batches 8 --dtype bfloat16 --repeats 3 \
+  --reference fp16,fp16-compile --out benchmarks/results/decode_speed_gpu_512
+python3 benchmarks/decode_speed.py --sizes 1024 --batches 4 --dtype bfloat16 --repeats 2 \
+  --reference fp16 --out benchmarks/results/decode_speed_gpu_1024
+python3 benchmarks/decode_speed.py --sizes 1024 --batches 1 --dtype bfloat16 --repeats 2 \
+  --reference fp16 --out benchmarks/results/decode_speed_gpu_1024_b1
+python3 benchmarks/memory.py --sizes 1024 --devices 1 --out benchmarks/results/memory_gpu.json
