@@ -125,7 +125,7 @@ def _measure(cfg, params, references, size, batch, repeats, peak, torch_device):
   import torch
 
   import jaxconsdec as jcd
-  from jaxconsdec.sampler import _top_level_decode
+  from jaxconsdec.sampler import top_level_program
   rng = np.random.default_rng(size + batch)
   latents_np = (rng.standard_normal((batch, 4, size // 8, size // 8)) / 0.18215).astype(np.float32)
   latents = jax.device_put(latents_np)
@@ -133,7 +133,7 @@ def _measure(cfg, params, references, size, batch, repeats, peak, torch_device):
   timesteps = jcd.timesteps_for(SCHEDULE)
   start = time.perf_counter()
   # The program `jcd.decode` runs (with its compiler options), compiled here to time it.
-  compiled = _top_level_decode(jax.default_backend()).lower(
+  compiled = top_level_program(jax.default_backend()).lower(
       params, latents, keys, None, config=cfg, timesteps=timesteps, clamp=True,
       layout="NCHW").compile()
   compile_s = time.perf_counter() - start

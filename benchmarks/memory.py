@@ -28,7 +28,7 @@ def main():
 
   import jaxconsdec as jcd
   from jaxconsdec import sharded
-  from jaxconsdec.sampler import _top_level_decode
+  from jaxconsdec.sampler import top_level_program
 
   rows = []
   for size in [int(s) for s in args.sizes.split(",")]:
@@ -40,7 +40,7 @@ def main():
       keys = jax.eval_shape(lambda: jcd.example_keys(0, 1))
       timesteps = jcd.timesteps_for((1.0, 0.5))
       start = time.perf_counter()
-      compiled = _top_level_decode(jax.default_backend()).lower(
+      compiled = top_level_program(jax.default_backend()).lower(
           params, latents, keys, None, config=cfg, timesteps=timesteps, clamp=True,
           layout="NCHW").compile()
       rows.append(_row(size, dtype, 1, compiled, time.perf_counter() - start))
@@ -48,7 +48,7 @@ def main():
       n = min(args.devices, jax.device_count())
       if n > 1 and (size // 8) % n == 0:
         mesh = sharded.data_mesh(jax.devices()[:n], axis="space")
-        program = sharded._spatial_program(mesh, "space", cfg, timesteps, True, "NCHW")
+        program = sharded.spatial_program(mesh, "space", cfg, timesteps, True, "NCHW")
         start = time.perf_counter()
         compiled = program.lower(params, latents, keys).compile()
         rows.append(_row(size, dtype, n, compiled, time.perf_counter() - start))

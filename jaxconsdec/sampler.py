@@ -44,13 +44,13 @@ def example_keys(key, batch_size: int, start: int = 0) -> jax.Array:
   `start` is the global index of the first example, so a slice of a larger job draws the
   same noise as it would in one big batch.
   """
-  key = _as_typed_key(key)
+  key = as_typed_key(key)
   if key.ndim != 0:
     raise ValueError(f"example_keys takes one key, got a key array of shape {key.shape}")
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(batch_size))
 
 
-def _as_typed_key(key) -> jax.Array:
+def as_typed_key(key) -> jax.Array:
   if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
     return jax.random.key(int(key))
   if not hasattr(key, "dtype"):
@@ -66,8 +66,8 @@ def _as_typed_key(key) -> jax.Array:
                   f" array of dtype {key.dtype} and shape {key.shape}")
 
 
-def _batch_keys(key, batch_size: int) -> jax.Array:
-  key = _as_typed_key(key)
+def batch_keys(key, batch_size: int) -> jax.Array:
+  key = as_typed_key(key)
   if key.ndim == 0:
     return example_keys(key, batch_size)
   if key.shape != (batch_size,):
@@ -76,7 +76,7 @@ def _batch_keys(key, batch_size: int) -> jax.Array:
   return key
 
 
-def _check_latents(latents, layout: str, config: UNetConfig) -> tuple[int, int, int]:
+def check_latents(latents, layout: str, config: UNetConfig) -> tuple[int, int, int]:
   """Validates shape and dtype; returns (batch, h, w) of the latents."""
   if not hasattr(latents, "shape") or not hasattr(latents, "dtype"):
     raise TypeError(f"latents must be an array, got {type(latents).__name__}")
@@ -138,7 +138,7 @@ def _check_noise(noise, steps: int, out_shape: tuple[int, ...], layout: str) -> 
   return jnp.stack([layouts.to_nhwc(jnp.asarray(n, jnp.float32), layout) for n in noise])
 
 
-def _unwrap_variables(params):
+def unwrap_variables(params):
   # Accept Flax's `{"params": tree}` variables dict as well as the bare tree.
   if hasattr(params, "keys") and set(params.keys()) == {"params"}:
     return params["params"]
@@ -175,15 +175,15 @@ def decode(params, latents, key, *, config: UNetConfig = CONSISTENCY_DECODER,
                      f" config.num_train_timesteps is {config.num_train_timesteps}")
     # (the UNet itself works with other table sizes; the sampler's timesteps do not)
   timesteps = timesteps_for(schedule)
-  b, h, w = _check_latents(latents, layout, config)
-  params = _unwrap_variables(params)
+  b, h, w = check_latents(latents, layout, config)
+  params = unwrap_variables(params)
   check_params(params, config)
   out_shape = layouts.shape_in_layout(b, UPSAMPLE * h, UPSAMPLE * w, 3, layout)
   if noise is not None:
     noise = _check_noise(noise, len(timesteps), out_shape, layout)
-  keys = _batch_keys(key, b)  # computes (a small program): only once everything is checked
-  program = _decode if xla_options.is_traced(params, latents, keys, noise) else (
-      _top_level_decode(xla_options.platform_of(latents, keys)))
+  keys = batch_keys(key, b)  # computes (a small program): only once everything is checked
+  program = nested_program if xla_options.is_traced(params, latents, keys, noise) else (
+      top_level_program(xla_options.platform_of(latents, keys)))
   return program(params, latents, keys, noise, config=config, timesteps=timesteps,
                  clamp=bool(clamp), layout=layout)
 
@@ -239,12 +239,15 @@ def _decode_impl(params, latents, keys, noise, *, config, timesteps, clamp, layo
   return layouts.from_nhwc(x, layout)
 
 
-# Inside a caller's jit (or any other transform) `decode` runs `_decode`, which nests; at top
-# level it runs a jit carrying the platform's compiler options (`xla_options`), which cannot.
-_decode = jax.jit(_decode_impl, static_argnames=_STATIC_ARGS)
+# The decode program, for jaxconsdec's modules (the public entry point is `decode`). Inside a
+# caller's jit (or any other transform) `decode` runs `nested_program`, which nests; at top
+# level it runs `top_level_program`, a jit carrying the platform's compiler options
+# (`xla_options`), which cannot nest. Both take (params, latents, keys, noise) and the static
+# arguments config, timesteps, clamp and layout.
+nested_program = jax.jit(_decode_impl, static_argnames=_STATIC_ARGS)
 
 
 @functools.lru_cache(maxsize=None)
-def _top_level_decode(platform: str):
+def top_level_program(platform: str):
   return jax.jit(_decode_impl, static_argnames=_STATIC_ARGS,
                  compiler_options=xla_options.compiler_options(platform))

@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxconsdec import layout as layouts
 from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
-from jaxconsdec.sampler import (_as_typed_key, _batch_keys, _check_latents, _decode,
-                                _unwrap_variables, example_keys)
+from jaxconsdec.sampler import (as_typed_key, batch_keys, check_latents, example_keys,
+                                nested_program, unwrap_variables)
 from jaxconsdec.schedule import timesteps_for
 from jaxconsdec.weights import check_params
 
@@ -67,7 +67,7 @@ class ShardedDecoder:
     layouts.check_layout(layout)
     self.mesh = data_mesh() if mesh is None else mesh
     self.axis, self.config, self.layout = axis, config, layout
-    params = _unwrap_variables(params)
+    params = unwrap_variables(params)
     check_params(params, config)
     self.params = replicate(params, self.mesh)
     self._timesteps, self._clamp = timesteps_for(schedule), bool(clamp)
@@ -130,7 +130,7 @@ class ShardedDecoder:
     rows = self.local_rows(global_batch)
     n = rows.stop - rows.start
     local_latents = np.asarray(local_latents, np.float32)
-    keys = _as_typed_key(local_keys)
+    keys = as_typed_key(local_keys)
     if local_latents.shape[0] != n or keys.shape != (n,):
       raise ValueError(f"this process supplies {n} rows of a global batch of {global_batch};"
                        f" got {local_latents.shape[0]} latents and keys of shape {keys.shape}")
@@ -154,7 +154,7 @@ class ShardedDecoder:
       raise ValueError("decode() feeds every row from this process; with several processes"
                        " call the decoder with each process's local_rows instead")
     latents = np.asarray(latents)
-    b, _, _ = _check_latents(latents, self.layout, self.config)
+    b, _, _ = check_latents(latents, self.layout, self.config)
     step = self.global_batch(batch_size or b)
     out = []
     for first in range(0, b, step):
@@ -187,7 +187,7 @@ def _program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ..
     # decoded from zeros and then set to NaN, so no inf/NaN arithmetic runs at all, and the
     # result says what `decode` would: this latent has no image.
     clean = jnp.where(finite[:, None, None, None], latents, 0)
-    images = _decode(params, clean, keys, None, config=config, timesteps=timesteps,
+    images = nested_program(params, clean, keys, None, config=config, timesteps=timesteps,
                      clamp=clamp, layout=layout)
     images = jnp.where(finite[:, None, None, None], images, jnp.nan)
     return images, finite, jnp.all(finite)
@@ -213,26 +213,26 @@ def decode_spatial(params, latents, key, *, mesh: Optional[Mesh] = None,
   """
   layouts.check_layout(layout)
   mesh = data_mesh(axis=axis) if mesh is None else mesh
-  b, h, _ = _check_latents(latents, layout, config)
+  b, h, _ = check_latents(latents, layout, config)
   n = mesh.shape[axis]
   if h % n:
     raise ValueError(f"latent height {h} does not divide over {n} devices on mesh axis"
                      f" {axis!r}; pad the latents or use a divisor of {h}")
-  params = _unwrap_variables(params)
+  params = unwrap_variables(params)
   check_params(params, config)
-  keys = _batch_keys(key, b)
-  return _spatial_program(mesh, axis, config, timesteps_for(schedule), bool(clamp), layout)(
+  keys = batch_keys(key, b)
+  return spatial_program(mesh, axis, config, timesteps_for(schedule), bool(clamp), layout)(
       replicate(params, mesh), latents, keys)
 
 
 @functools.lru_cache(maxsize=None)
-def _spatial_program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ...],
+def spatial_program(mesh: Mesh, axis: str, config: UNetConfig, timesteps: tuple[int, ...],
                      clamp: bool, layout: str):
   rows = NamedSharding(mesh, P(None, None, axis) if layout == "NCHW" else P(None, axis))
   replicated = NamedSharding(mesh, P())
 
   def run(params, latents, keys):
-    return _decode(params, latents, keys, None, config=config, timesteps=timesteps,
+    return nested_program(params, latents, keys, None, config=config, timesteps=timesteps,
                    clamp=clamp, layout=layout)
   return jax.jit(run, in_shardings=(replicated, rows, replicated), out_shardings=rows,
                  compiler_options=_options(mesh))

@@ -127,7 +127,7 @@ def test_second_call_does_not_recompile_and_works_under_jit():
   params = jcd.UNet(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 7)),
                               jnp.zeros((1,), jnp.int32))["params"]
   first = jcd.decode(params, latents, 1, config=cfg)
-  program = sampler._top_level_decode("cpu")
+  program = sampler.top_level_program("cpu")
   compiled = program._cache_size()
   again = jcd.decode(params, latents + 1.0, 1, config=cfg)
   assert program._cache_size() == compiled
@@ -152,11 +152,11 @@ def test_cpu_programs_compile_without_ynnpack_fusions(monkeypatch):
   keys = jcd.example_keys(0, 1)
   static = dict(config=cfg, timesteps=(1008, 512), clamp=True, layout="NCHW")
   hlo = lambda lowered: lowered.compile().as_text()
-  assert "__ynn_fusion" in hlo(sampler._decode.lower(params, latents, keys, None, **static))
+  assert "__ynn_fusion" in hlo(sampler.nested_program.lower(params, latents, keys, None, **static))
 
   used = []
-  top_level = sampler._top_level_decode
-  monkeypatch.setattr(sampler, "_top_level_decode", lambda p: used.append(p) or top_level(p))
+  top_level = sampler.top_level_program
+  monkeypatch.setattr(sampler, "top_level_program", lambda p: used.append(p) or top_level(p))
   jcd.decode(params, latents, 0, config=cfg)
   assert used == ["cpu"]
   assert "__ynn_fusion" not in hlo(top_level("cpu").lower(params, latents, keys, None, **static))
@@ -176,12 +176,12 @@ def test_an_xla_option_this_jaxlib_does_not_know_falls_back_once(monkeypatch):
       assert xla_options.compiler_options("cpu") == {}
     assert xla_options.compiler_options("cpu") == {}  # probed once: no second warning
     cfg, latents, _ = _setup(seed=36, batch=1, h=2, w=2)
-    sampler._top_level_decode.cache_clear()
+    sampler.top_level_program.cache_clear()
     out = jcd.decode(jcd.random_params(cfg, 0), latents, 0, config=cfg)
     assert np.isfinite(np.asarray(out)).all()
   finally:
     xla_options._accepted.cache_clear()
-    sampler._top_level_decode.cache_clear()
+    sampler.top_level_program.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

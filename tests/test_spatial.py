@@ -20,7 +20,7 @@ SPATIAL = textwrap.dedent("""
       assert err <= 1e-5, (layout, err)
       print(layout, "rel err", err)
     # Really partitioned: rows cross devices (halo exchange), GroupNorm statistics all-reduce.
-    program = sharded._spatial_program(sharded.data_mesh(axis="space"), "space", cfg,
+    program = sharded.spatial_program(sharded.data_mesh(axis="space"), "space", cfg,
                                        jcd.timesteps_for((1.0, 0.5)), True, "NCHW")
     hlo = program.lower(sharded.replicate(params, sharded.data_mesh(axis="space")), lat,
                         jcd.example_keys(3, 2)).compile().as_text()
