@@ -10,7 +10,7 @@ from jaxconsdec.config import CONSISTENCY_DECODER, TINY, UNetConfig
 from jaxconsdec.images import save_png, to_uint8
 from jaxconsdec.sampler import decode, example_keys, prepare_latents
 from jaxconsdec.schedule import TABLES, timesteps_for
-from jaxconsdec.unet import UNet
+from jaxconsdec.models.unet import UNet
 from jaxconsdec.weights import (ParamsMismatchError, abstract_params, check_params,
                                 param_count, params_from_torch, random_params,
                                 torch_key_to_path)

@@ -32,7 +32,7 @@ from jaxconsdec import layout as layouts
 from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.schedule import NUM_TRAIN_TIMESTEPS, TABLES, timesteps_for
-from jaxconsdec.unet import UNet
+from jaxconsdec.models.unet import UNet
 from jaxconsdec.weights import check_params
 
 UPSAMPLE = 8  # latent pixel -> 8x8 image pixels

@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconsdec.config import UNetConfig
-from jaxconsdec.unet import UNet
+from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.models.unet import UNet
+from jaxconsdec.models.vae import HALVES, VAE
 
 DIFFUSERS_PREFIX = "decoder_unet."
 
-# Module name -> kind. The kind fixes both the Flax leaf name and the layout change.
+# Module name -> kind. The kind fixes both the Flax leaf name and the layout change. The
+# UNet's and the VAE's modules (`conv` of the resamplers, the quant convs, the attention).
 _MODULE_KINDS = {
     "conv_in": "conv", "conv1": "conv", "conv2": "conv", "conv_shortcut": "conv",
-    "conv_out": "conv",
+    "conv_out": "conv", "conv": "conv", "quant_conv": "conv", "post_quant_conv": "conv",
     "linear_1": "dense", "linear_2": "dense", "time_emb_proj": "dense",
-    "norm1": "norm", "norm2": "norm", "conv_norm_out": "norm",
+    "to_q": "dense", "to_k": "dense", "to_v": "dense", "to_out_0": "dense",
+    "norm1": "norm", "norm2": "norm", "conv_norm_out": "norm", "group_norm": "norm",
     "time_proj": "embed",
 }
 # torch parameter name -> Flax leaf name, per kind.
@@ -37,7 +40,8 @@ _LEAF_NAMES = {
     "embed": {"weight": "embedding"},
 }
 # ModuleList containers: torch `name.3` is Flax `name_3`.
-_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "downsamplers", "upsamplers")
+_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "downsamplers", "upsamplers", "attentions",
+               "to_out")
 _CONTAINER_RE = re.compile(rf"^({'|'.join(_CONTAINERS)})_(\d+)$")
 
 
@@ -99,20 +103,35 @@ def torch_shape(flax_shape: tuple[int, ...], kind: str, leaf: str) -> tuple[int,
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract_params(config: UNetConfig):
+def _abstract_params(config: UNetConfig | VAEConfig):
+  size = config.downsample_factor
+  x = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+  if isinstance(config, VAEConfig):
+    return jax.eval_shape(lambda x: VAE(config).init(jax.random.key(0), x), x)["params"]
   unet = UNet(config)
-  x = jax.ShapeDtypeStruct((1, 8, 8, config.in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   return jax.eval_shape(lambda x, t: unet.init(jax.random.key(0), x, t), x, t)["params"]
 
 
-def abstract_params(config: UNetConfig) -> dict:
-  """The param tree of `config` as ShapeDtypeStructs (computed without allocating)."""
-  return flax.core.unfreeze(_abstract_params(config))
+def abstract_params(config: UNetConfig | VAEConfig,
+                    halves: Optional[Sequence[str]] = None) -> dict:
+  """The param tree of `config` as ShapeDtypeStructs (computed without allocating).
+
+  halves: for a VAE, only the entries of these halves ("encoder": encoder + quant_conv,
+  "decoder": post_quant_conv + decoder); None for the whole tree.
+  """
+  tree = flax.core.unfreeze(_abstract_params(config))
+  if halves is None:
+    return tree
+  if not isinstance(config, VAEConfig) or set(halves) - set(HALVES):
+    raise ValueError(f"halves {halves!r}: only a VAE has halves, {tuple(HALVES)}")
+  keep = {name for half in halves for name in HALVES[half]}
+  return {name: subtree for name, subtree in tree.items() if name in keep}
 
 
-def param_count(config: UNetConfig) -> int:
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract_params(config)))
+def param_count(config: UNetConfig | VAEConfig, halves: Optional[Sequence[str]] = None) -> int:
+  return sum(int(np.prod(leaf.shape))
+             for leaf in jax.tree.leaves(abstract_params(config, halves)))
 
 
 def _flat(tree: Mapping) -> dict[tuple[str, ...], Any]:
@@ -138,9 +157,11 @@ def _is_float_dtype(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)
 
 
-def check_params(params: Mapping, config: UNetConfig) -> None:
-  """Raises ParamsMismatchError unless `params` has exactly the tree and shapes of `config`."""
-  want = _flat(abstract_params(config))
+def check_params(params: Mapping, config: UNetConfig | VAEConfig,
+                 halves: Optional[Sequence[str]] = None) -> None:
+  """Raises ParamsMismatchError unless `params` has exactly the tree and shapes of `config`
+  (of these halves of a VAE)."""
+  want = _flat(abstract_params(config, halves))
   have = _flat(params)
   fmt = "/".join
   _raise_mismatch(
@@ -155,8 +176,10 @@ def check_params(params: Mapping, config: UNetConfig) -> None:
                          if not _is_float_dtype(jnp.result_type(have[p]))))
 
 
-def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig) -> dict:
-  """diffusers `UNet2DModel` state dict (numpy arrays, any float dtype) -> Flax params.
+def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig | VAEConfig,
+                      halves: Optional[Sequence[str]] = None) -> dict:
+  """diffusers state dict (numpy arrays, any float dtype) -> Flax params: a `UNet2DModel`'s
+  for a UNetConfig, an `AutoencoderKL`'s (of these halves) for a VAEConfig.
 
   Keys may carry the `decoder_unet.` prefix of `ConsistencyDecoderVAE`. Strict: raises one
   ParamsMismatchError listing every missing key, unexpected key, shape mismatch and non-float
@@ -164,7 +187,7 @@ def params_from_torch(state_dict: Mapping[str, Any], config: UNetConfig) -> dict
   *before* any tensor is read, so a file that declares a tensor of the wrong size is refused
   without reading it. Arrays are then read and cast to `config.param_dtype` one at a time.
   """
-  plan = _plan(state_dict, config)
+  plan = _plan(state_dict, config, halves)
   out: dict[tuple[str, ...], jax.Array] = {}
   wrong_dtype, wrong_shape = [], []
   for key, (path, kind, want_torch) in plan.items():
@@ -189,10 +212,10 @@ def _numpy_dtype(value):
     return None
 
 
-def _plan(state_dict: Mapping[str, Any], config: UNetConfig) -> dict:
+def _plan(state_dict: Mapping[str, Any], config, halves) -> dict:
   """key -> (Flax path, kind, reference shape) for every tensor, checked without reading any
   data: raises ParamsMismatchError listing every problem at once."""
-  want = _flat(abstract_params(config))
+  want = _flat(abstract_params(config, halves))
   specs = getattr(state_dict, "specs", None)  # LazyTensors: declared (shape, dtype)
   if specs is None:
     specs = {k: (tuple(np.shape(v)), _numpy_dtype(v)) for k, v in state_dict.items()}
@@ -222,7 +245,8 @@ def _plan(state_dict: Mapping[str, Any], config: UNetConfig) -> dict:
   return plan
 
 
-def random_params(config: UNetConfig, seed: int = 0) -> dict:
+def random_params(config: UNetConfig | VAEConfig, seed: int = 0,
+                  halves: Optional[Sequence[str]] = None) -> dict:
   """Random weights for `config`, drawn on the host without compiling the model.
 
   For smoke tests and benchmarks only: kernels ~ N(0, 1/fan_in) (activations keep their
@@ -243,5 +267,5 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
     else:
       value = np.zeros(leaf.shape, np.float32)
     return jnp.asarray(value, dtype)
-  flat = _flat(abstract_params(config))
+  flat = _flat(abstract_params(config, halves))
   return flax.traverse_util.unflatten_dict({p: draw(p, leaf) for p, leaf in flat.items()})

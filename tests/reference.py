@@ -99,6 +99,23 @@ def diffusers_vae_decode(vae: ConsistencyDecoderVAE, latents: np.ndarray, noises
   return out
 
 
+def diffusers_autoencoder(cfg, seed: int):
+  """A diffusers AutoencoderKL with `cfg`'s (a VAEConfig's) shape and fresh random weights."""
+  from diffusers import AutoencoderKL
+  n = len(cfg.block_out_channels)
+  torch.manual_seed(seed)
+  vae = AutoencoderKL(
+      in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+      block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+      latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+      scaling_factor=cfg.scaling_factor,
+      shift_factor=cfg.shift_factor if cfg.shift_factor else None,
+      use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv,
+      mid_block_add_attention=cfg.mid_block_add_attention)
+  return randomize_(vae, seed)
+
+
 def state_dict_numpy(module: torch.nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()
           if k.startswith(prefix)}

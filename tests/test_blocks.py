@@ -9,7 +9,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 
 import jaxconsdec as jcd
-from jaxconsdec.unet import ResnetBlock, UpsampledConv
+from jaxconsdec.models.layers import ResnetBlock, UpsampledConv
 from reference import diffusers_unet, flax_params_of, nchw, nhwc, randomize_, rel_err
 
 BLOCK_TOL = 1e-5
@@ -103,7 +103,7 @@ def test_group_norm_statistics_stay_float32_in_bf16():
   # precision.py relies on Flax computing GroupNorm mean/variance in float32 whatever the
   # module dtype. Input: a mean 1000x its spread, where bf16 statistics (spacing 4 at 1000)
   # would be off by whole standard deviations.
-  from jaxconsdec.unet import _group_norm
+  from jaxconsdec.models.layers import group_norm as _group_norm
   x = (1000.0 + np.random.default_rng(0).standard_normal((1, 8, 8, 32))).astype(np.float32)
   outs = {}
   for dtype in ("float32", "bfloat16"):

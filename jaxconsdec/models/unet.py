@@ -1,0 +1,127 @@
+"""The Consistency Decoder UNet in Flax Linen, NHWC.
+
+Module and parameter names follow diffusers' `UNet2DModel` with `.` + index turned into
+`_` + index (`down_blocks.0.resnets.1.conv1` -> `down_blocks_0/resnets_1/conv1`), so that the
+param tree reads like the reference and the key mapping in `weights.py` is mechanical.
+
+Each block output is `sow`n into the "intermediates" collection as "<block>_output":
+`UNet(cfg).apply({"params": p}, x, t, mutable=["intermediates"])` hands them back, which
+narrows a parity failure to one block.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxconsdec.config import UNetConfig
+from jaxconsdec.models.layers import ResnetBlock, conv, dense, group_norm
+from jaxconsdec.precision import part_dtype
+
+
+class TimestepEmbedding(nn.Module):
+  """Linear -> SiLU -> Linear on the looked-up time vector (diffusers `TimestepEmbedding`)."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, t_emb: jax.Array) -> jax.Array:
+    cfg = self.config
+    layer = lambda name: dense(cfg.time_embed_dim, name, cfg, part_dtype(cfg, "time_embedding"))
+    return layer("linear_2")(nn.silu(layer("linear_1")(t_emb)))
+
+
+class DownBlock(nn.Module):
+  """diffusers `ResnetDownsampleBlock2D`: ResBlocks, then a downsampling ResBlock.
+
+  Returns the output and every intermediate that the up path consumes as a skip.
+  """
+  config: UNetConfig
+  out_channels: int
+  add_downsample: bool
+
+  @nn.compact
+  def __call__(self, h, temb):
+    skips = []
+    for i in range(self.config.layers_per_block):
+      h = ResnetBlock(self.config, self.out_channels, name=f"resnets_{i}")(h, temb)
+      skips.append(h)
+    if self.add_downsample:
+      h = ResnetBlock(self.config, self.out_channels, "down", name="downsamplers_0")(h, temb)
+      skips.append(h)
+    return h, skips
+
+
+class UpBlock(nn.Module):
+  """diffusers `ResnetUpsampleBlock2D`: ResBlock i takes concat([h, skips[i]]) on channels.
+
+  `skips` is in consumption order: the most recently pushed skip first.
+  """
+  config: UNetConfig
+  out_channels: int
+  add_upsample: bool
+
+  @nn.compact
+  def __call__(self, h, skips, temb):
+    for i, skip in enumerate(skips):
+      h = jnp.concatenate([h, skip], axis=-1)
+      h = ResnetBlock(self.config, self.out_channels, name=f"resnets_{i}")(h, temb)
+    if self.add_upsample:
+      h = ResnetBlock(self.config, self.out_channels, "up", name="upsamplers_0")(h, temb)
+    return h
+
+
+class MidBlock(nn.Module):
+  """diffusers `UNetMidBlock2D` with `add_attention=False`: two ResBlocks."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, h, temb):
+    width = self.config.block_out_channels[-1]
+    for i in range(2):
+      h = ResnetBlock(self.config, width, name=f"resnets_{i}")(h, temb)
+    return h
+
+
+class UNet(nn.Module):
+  """The decoder UNet.
+
+  __call__(x, t): x (B, H, W, in_channels) NHWC, t (B,) integer timesteps in
+  [0, num_train_timesteps) -> (B, H, W, out_channels) float32. H and W must divide by
+  `config.downsample_factor`.
+  """
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    cfg = self.config
+    widths = cfg.block_out_channels
+    levels = len(widths)
+
+    t_emb = nn.Embed(cfg.num_train_timesteps, widths[0], name="time_proj",
+                     dtype=part_dtype(cfg, "time_embedding"),
+                     param_dtype=jnp.dtype(cfg.param_dtype))(t)
+    temb = TimestepEmbedding(cfg, name="time_embedding")(t_emb)
+    self.sow("intermediates", "time_embedding_output", temb)
+
+    h = conv(widths[0], 3, "conv_in", cfg)(x)
+    skips = [h]
+    for i, width in enumerate(widths):
+      h, block_skips = DownBlock(cfg, width, add_downsample=i < levels - 1,
+                                 name=f"down_blocks_{i}")(h, temb)
+      skips += block_skips
+      self.sow("intermediates", f"down_blocks_{i}_output", h)
+
+    h = MidBlock(cfg, name="mid_block")(h, temb)
+    self.sow("intermediates", "mid_block_output", h)
+
+    per_up_block = cfg.layers_per_block + 1
+    for i, width in enumerate(reversed(widths)):
+      block_skips = tuple(reversed(skips[-per_up_block:]))
+      del skips[-per_up_block:]
+      h = UpBlock(cfg, width, add_upsample=i < levels - 1,
+                  name=f"up_blocks_{i}")(h, block_skips, temb)
+      self.sow("intermediates", f"up_blocks_{i}_output", h)
+
+    h = nn.silu(group_norm("conv_norm_out", cfg, part_dtype(cfg, "conv_norm_out"))(h))
+    return conv(cfg.out_channels, 3, "conv_out", cfg, part_dtype(cfg, "conv_out"))(h)
