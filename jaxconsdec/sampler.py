@@ -20,7 +20,6 @@ it sits in: decoding `latents[i:i+1]` with `example_keys(k, B)[i:i+1]` reproduce
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Any, Optional, Sequence
 
@@ -182,8 +181,8 @@ def decode(params, latents, key, *, config: UNetConfig = CONSISTENCY_DECODER,
   if noise is not None:
     noise = _check_noise(noise, len(timesteps), out_shape, layout)
   keys = batch_keys(key, b)  # computes (a small program): only once everything is checked
-  program = nested_program if xla_options.is_traced(params, latents, keys, noise) else (
-      top_level_program(xla_options.platform_of(latents, keys)))
+  program = xla_options.program_for(nested_program, top_level_program, params, latents, keys,
+                                    noise)
   return program(params, latents, keys, noise, config=config, timesteps=timesteps,
                  clamp=bool(clamp), layout=layout)
 
@@ -245,9 +244,4 @@ def _decode_impl(params, latents, keys, noise, *, config, timesteps, clamp, layo
 # (`xla_options`), which cannot nest. Both take (params, latents, keys, noise) and the static
 # arguments config, timesteps, clamp and layout.
 nested_program = jax.jit(_decode_impl, static_argnames=_STATIC_ARGS)
-
-
-@functools.lru_cache(maxsize=None)
-def top_level_program(platform: str):
-  return jax.jit(_decode_impl, static_argnames=_STATIC_ARGS,
-                 compiler_options=xla_options.compiler_options(platform))
+top_level_program = xla_options.top_level_jit(_decode_impl, _STATIC_ARGS)

@@ -64,3 +64,19 @@ def platform_of(*args: Any) -> str:
 def is_traced(*trees: Any) -> bool:
   """Whether any leaf is a tracer, i.e. we are being called inside a caller's transform."""
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def top_level_jit(fn, static_argnames: tuple[str, ...]):
+  """platform -> `jax.jit(fn)` compiled with that platform's options, made once per platform.
+  (The nestable `jax.jit(fn)` is the one to call inside a caller's transforms.)"""
+  @functools.lru_cache(maxsize=None)
+  def program(platform: str):
+    return jax.jit(fn, static_argnames=static_argnames,
+                   compiler_options=compiler_options(platform))
+  return program
+
+
+def program_for(nested, top_level, *args):
+  """The program to run on `args`: the nestable one when a caller is tracing them, else the
+  top-level one for their platform."""
+  return nested if is_traced(*args) else top_level(platform_of(*args))
