@@ -6,6 +6,8 @@
 
 from jaxconsdec.convert.diffusers_config import read_config
 from jaxconsdec.convert.errors import WeightFileError
-from jaxconsdec.convert.formats import SourceInfo, Weights, read_weights
+from jaxconsdec.convert.formats import (PARTS, SourceInfo, VAEWeights, Weights, layout_of,
+                                        read_vae_weights, read_weights)
 
-__all__ = ["WeightFileError", "SourceInfo", "Weights", "read_config", "read_weights"]
+__all__ = ["WeightFileError", "SourceInfo", "Weights", "VAEWeights", "PARTS", "layout_of",
+           "read_config", "read_vae_weights", "read_weights"]

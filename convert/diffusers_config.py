@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Optional
 
-from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
+from jaxconsdec.config import CONSISTENCY_DECODER, SD_VAE, UNetConfig, VAEConfig
 from jaxconsdec.convert.errors import WeightFileError
 from jaxconsdec.files import read_json_object
 
@@ -150,3 +150,81 @@ def resolve(weight_path: str, explicit: Optional[UNetConfig]) -> UNetConfig:
     raise WeightFileError(f"--config disagrees with {where}: " + "; ".join(diffs)
                           + ". Drop --config (the folder describes itself) or fix it.")
   return explicit
+
+
+# VAEConfig field <- its key in an AutoencoderKL config (a ConsistencyDecoderVAE's encoder
+# prefixes `encoder_`, and has no decoder).
+_VAE_FIELDS = ("block_out_channels", "layers_per_block", "norm_num_groups", "in_channels")
+_VAE_SHARED = ("latent_channels", "scaling_factor", "shift_factor", "use_quant_conv",
+               "use_post_quant_conv", "mid_block_add_attention", "out_channels")
+
+
+def vae_fields(value: dict, where: str) -> dict[str, Any]:
+  """The VAEConfig fields a diffusers config.json states: an AutoencoderKL's, or the encoder
+  of a ConsistencyDecoderVAE. Refuses another architecture, naming each field."""
+  cls = value.get("_class_name")
+  cdvae = cls == "ConsistencyDecoderVAE" or (cls is None and "encoder_block_out_channels" in value)
+  if not cdvae and cls not in ("AutoencoderKL", None):
+    raise WeightFileError(f"{where}: a config.json of {cls}, not an AutoencoderKL")
+  prefix = "encoder_" if cdvae else ""
+  levels = len(value.get(prefix + "block_out_channels", SD_VAE.block_out_channels))
+  wrong = []
+  blocks = [("down_block_types", "DownEncoderBlock2D")]
+  if not cdvae:
+    blocks.append(("up_block_types", "UpDecoderBlock2D"))
+  for key, block in blocks:
+    got = value.get(prefix + key)
+    if got is not None and list(got) != [block] * levels:
+      wrong.append(f"{prefix}{key}={got!r} (needs {levels} x {block!r})")
+  if value.get(prefix + "act_fn", "silu") != "silu":
+    wrong.append(f"{prefix}act_fn={value[prefix + 'act_fn']!r} (needs 'silu')")
+  if cdvae and value.get("encoder_double_z", True) is not True:
+    wrong.append("encoder_double_z=False (needs True: the encoder gives mean and logvar)")
+  if wrong:
+    raise WeightFileError(f"{where} describes another VAE than the SD one: " + "; ".join(wrong))
+  fields = {f: tuple(value[prefix + f]) if isinstance(value[prefix + f], list) else
+            value[prefix + f] for f in _VAE_FIELDS if prefix + f in value}
+  for f in _VAE_SHARED:
+    if value.get(f) is not None:
+      fields[f] = value[f]
+  return fields
+
+
+def resolve_vae(weight_path: str, explicit: Optional[VAEConfig]) -> VAEConfig:
+  """The VAEConfig of a diffusers file, as `resolve` does for the decoder: the config.json
+  beside it, if any, checked against an explicit config; else the explicit one or SD's."""
+  found = beside(weight_path)
+  if found is None:
+    return explicit or SD_VAE
+  try:
+    value = read_json_object(found, 1 << 20)
+  except (OSError, ValueError) as e:
+    raise WeightFileError(f"{found}: unreadable config.json next to {weight_path} ({e})")
+  where = f"{found} (beside {os.path.basename(weight_path)})"
+  fields = vae_fields(value, where)
+  if explicit is None:
+    try:
+      return VAEConfig(**fields)
+    except (TypeError, ValueError) as e:
+      raise WeightFileError(f"{where}: {e}")
+  diffs = [f"{name}: {v!r} in config.json, {getattr(explicit, name)!r} in --vae-config"
+           for name, v in sorted(fields.items()) if getattr(explicit, name) != v]
+  if diffs:
+    raise WeightFileError(f"--vae-config disagrees with {where}: " + "; ".join(diffs))
+  return explicit
+
+
+def read_vae_config(path: str) -> VAEConfig:
+  """A VAE config file: jaxconsdec's own JSON (`VAEConfig.to_json`) or a diffusers
+  AutoencoderKL config.json."""
+  try:
+    value = read_json_object(path, 1 << 20)
+  except (OSError, ValueError) as e:
+    raise WeightFileError(f"{path}: not a readable JSON config ({e})")
+  try:
+    if "_class_name" in value or "down_block_types" in value:
+      return VAEConfig(**vae_fields(value, path))
+    return VAEConfig.from_json(json.dumps(value))
+  except (TypeError, ValueError) as e:
+    raise WeightFileError(f"{path}: neither a jaxconsdec VAEConfig JSON nor an AutoencoderKL"
+                          f" config.json ({e})")

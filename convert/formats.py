@@ -24,9 +24,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
+from jaxconsdec.config import CONSISTENCY_DECODER, SD_VAE, UNetConfig, VAEConfig
 from jaxconsdec.convert.errors import WeightFileError
-from jaxconsdec.convert import diffusers_config, safetensors_file
+from jaxconsdec.convert import diffusers_config, safetensors_file, vae_layouts
 from jaxconsdec.convert.torchscript import TorchScriptArchive
 from jaxconsdec.files import open_regular
 
@@ -108,10 +108,19 @@ class LazyTensors(Mapping):
     self._readers.update(other._readers)
     self.specs.update(other.specs)
 
-  def subset(self, rename: dict[str, str]) -> "LazyTensors":
-    """The tensors named by `rename`'s keys, under its values."""
-    return LazyTensors({new: self._readers[old] for old, new in rename.items()},
-                       {new: self.specs[old] for old, new in rename.items()})
+  def subset(self, rename: dict[str, str],
+             reshape: Optional[dict[str, tuple[int, ...]]] = None) -> "LazyTensors":
+    """The tensors named by `rename`'s keys, under its values; those named in `reshape` (by
+    their new name) are read as that shape (same element count)."""
+    reshape = reshape or {}
+    readers, specs = {}, {}
+    for old, new in rename.items():
+      read, (shape, dtype) = self._readers[old], self.specs[old]
+      if new in reshape:
+        read = (lambda r=read, s=reshape[new]: r().reshape(s))
+        shape = reshape[new]
+      readers[new], specs[new] = read, (shape, dtype)
+    return LazyTensors(readers, specs)
 
 
 @dataclasses.dataclass
@@ -209,9 +218,26 @@ def _classify_safetensors(path: str, specs: dict) -> str:
     return kinds[0]
   if keys == {"weight"} and len(specs["weight"][0]) == 2:
     return "embedding"
+  if vae_layouts.is_ldm(keys):
+    return "ldm-vae"
+  if vae_layouts.is_autoencoder(keys):
+    return "autoencoder"
   sample = ", ".join(sorted(keys)[:5])
   raise WeightFileError(f"{path}: a safetensors file with {len(keys)} tensors ({sample}...)"
-                        " but none of the Consistency Decoder layouts")
+                        " but none of the Consistency Decoder or SD VAE layouts")
+
+
+# What each layout holds: the decoder UNet, the SD VAE (or a half of it), or a time table.
+PARTS = {"torchscript": ("decoder",), "diffusers": ("decoder", "vae"), "unet2d": ("decoder",),
+         "raw": ("decoder",), "embedding": (), "autoencoder": ("vae",), "ldm-vae": ("vae",)}
+
+
+def layout_of(path: str) -> str:
+  """The layout of a weight file, from its content (a key of PARTS)."""
+  if _sniff(path) == "zip":
+    return "torchscript"
+  _, specs = _safetensors_tensors(path)
+  return _classify_safetensors(path, specs)
 
 
 def _source(path, fmt, count, dtypes) -> SourceInfo:
@@ -292,6 +318,10 @@ def read_weights(paths: Sequence[str], config: Optional[UNetConfig] = None,
   unet, extras = LazyTensors({}, {}), LazyTensors({}, {})
   sources, formats = [], []
   for path in paths:
+    if PARTS[layout_of(path)] == ("vae",):
+      raise WeightFileError(f"{path} holds an SD VAE ({layout_of(path)} layout), not a"
+                            " Consistency Decoder: give it as the VAE (--vae), or convert it"
+                            " on its own")
     fmt, tensors, more, info = _read_one(path, config)
     formats.append(fmt)
     sources.append(info)
@@ -327,3 +357,45 @@ def _config_for(path: str, explicit: Optional[UNetConfig]) -> UNetConfig:
     if _classify_safetensors(path, specs) in ("diffusers", "unet2d"):
       return diffusers_config.resolve(path, explicit)
   return explicit or CONSISTENCY_DECODER
+
+
+@dataclasses.dataclass
+class VAEWeights:
+  tensors: LazyTensors       # diffusers AutoencoderKL names
+  halves: tuple[str, ...]    # "encoder", "decoder": which the file holds
+  source: SourceInfo
+  config: VAEConfig          # given, or from the config.json beside a diffusers file
+
+
+def read_vae_weights(path: str, config: Optional[VAEConfig] = None) -> VAEWeights:
+  """Reads the SD VAE (or the half of it) a weight file holds, as AutoencoderKL names.
+
+  config: the architecture. A diffusers file with a config.json beside it (an AutoencoderKL,
+  or a ConsistencyDecoderVAE for its encoder) describes itself and a config given too must
+  agree; a latent-diffusion file is the SD VAE unless `config` says otherwise.
+  """
+  layout = layout_of(path)
+  if "vae" not in PARTS[layout]:
+    raise WeightFileError(f"{path}: a {layout} file, which holds no SD VAE")
+  tensors = LazyTensors(*_safetensors_tensors(path))
+  info = _source(path, layout, len(tensors), sorted({str(d) for _, d in tensors.specs.values()}))
+  if layout == "ldm-vae":
+    config = config or SD_VAE
+    names = [k for k in tensors if k.startswith(vae_layouts.LDM_PREFIX)] or list(tensors)
+    rename, reshape = {}, {}
+    for name in names:
+      short = name[len(vae_layouts.LDM_PREFIX):] if name.startswith(vae_layouts.LDM_PREFIX) else name
+      new = vae_layouts.ldm_to_diffusers(short, len(config.block_out_channels)) or name
+      shape = tensors.specs[name][0]
+      if vae_layouts.is_ldm_attention_projection(new) and len(shape) == 4 and shape[2:] == (1, 1):
+        reshape[new] = shape[:2]
+      rename[name] = new
+    vae = tensors.subset(rename, reshape)
+  else:
+    config = diffusers_config.resolve_vae(path, config)
+    names = [k for k in tensors if not k.startswith(DIFFUSERS_PREFIX)]  # the VAE's part
+    vae = tensors.subset({k: vae_layouts.legacy_to_diffusers(k) for k in names})
+  halves = vae_layouts.halves_of(list(vae))
+  if not halves:
+    raise WeightFileError(f"{path}: no SD VAE tensors in this {layout} file")
+  return VAEWeights(vae, halves, info, config)

@@ -1,24 +1,29 @@
-"""jaxconsdec checkpoints: an Orbax param tree plus the UNetConfig and provenance as JSON.
+"""jaxconsdec checkpoints: the decoder UNet, the SD VAE, or both, with configs and provenance.
 
     OUT_DIR/
-      jaxconsdec.json   {"format_version", "config", "provenance"}
-      params/           Orbax StandardCheckpointer: the UNet param tree
-      extras/           Orbax, optional: tensors the file carried beside the UNet (SD encoder)
+      jaxconsdec.json   {"format_version": 2, "decoder": {"config"}, "vae": {"config",
+                         "halves"}, "provenance"}: the parts the checkpoint holds
+      params/           Orbax: the decoder UNet's param tree (when it holds the decoder)
+      vae/              Orbax: the VAE's param tree, or the half of it a file held (a
+                        ConsistencyDecoderVAE file holds only the encoder)
+
+Format 1 (before the VAE) had "config" for the decoder and `extras/` for the encoder's raw
+tensors; it still loads, as a decoder.
 
 Writing: into a temporary folder beside OUT_DIR (mode 0777 less the umask, like any folder
 a tool makes), every file fsync-ed, then renamed into place, so after any failure, Ctrl-C or
 crash there is either the complete checkpoint at OUT_DIR or nothing, and nothing beside it.
 `force=True` replaces only what is recognisably a jaxconsdec checkpoint.
 
-Reading: the stored shapes are checked against the checkpoint's own config before any array
+Reading: the stored shapes are checked against the checkpoint's own configs before any array
 is read, and arrays are restored onto the current default device (or the sharding asked
 for), never onto whatever device the checkpoint was saved from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -30,11 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
+from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.files import fsync_dir, fsync_tree, make_temp_dir, read_json_object
-from jaxconsdec.weights import abstract_params, check_params, params_from_torch
+from jaxconsdec.models.vae import HALVES
+from jaxconsdec.weights import check_params, param_count, params_from_torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 META = "jaxconsdec.json"
 MAX_META_BYTES = 16 << 20
 
@@ -134,10 +141,12 @@ def check_replaceable(out_dir: str) -> bool:
   return True
 
 
-def save(out_dir: str, params, config: UNetConfig, provenance: dict,
-         extras: Optional[dict] = None, force: bool = False,
-         should_stop: Callable[[], bool] = lambda: False) -> None:
-  """Writes a checkpoint folder at `out_dir` (see the module docstring).
+def save(out_dir: str, params=None, config: Optional[UNetConfig] = None,
+         provenance: Optional[dict] = None, *, vae_params=None,
+         vae_config: Optional[VAEConfig] = None, vae_halves: Sequence[str] = ("encoder", "decoder"),
+         force: bool = False, should_stop: Callable[[], bool] = lambda: False) -> None:
+  """Writes a checkpoint folder at `out_dir` (see the module docstring) holding the decoder
+  (`params`, `config`), the VAE (`vae_params` of `vae_halves`, `vae_config`), or both.
 
   force: replace an existing *checkpoint* at `out_dir` (anything else is refused).
   should_stop: polled between the writing steps; when it returns True the partial
@@ -145,13 +154,21 @@ def save(out_dir: str, params, config: UNetConfig, provenance: dict,
     the checkpoint is completed regardless (the CLI maps Ctrl-C onto this).
   Raises FileExistsError, NotACheckpointError, or OSError (no space, permission, I/O).
   """
+  if params is None and vae_params is None:
+    raise ValueError("a checkpoint holds the decoder, the VAE, or both: got neither")
   out_dir = os.path.abspath(out_dir)
   if check_replaceable(out_dir) and not force:
     raise FileExistsError(errno.EEXIST, "exists; pass --force (force=True) to replace it",
                           out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  trees = {"params": params, **({"extras": extras} if extras else {})}
+  trees, meta = {}, {"format_version": FORMAT_VERSION, "provenance": provenance or {}}
+  if params is not None:
+    trees["params"] = params
+    meta["decoder"] = {"config": json.loads(config.to_json())}
+  if vae_params is not None:
+    trees["vae"] = vae_params
+    meta["vae"] = {"config": json.loads(vae_config.to_json()), "halves": list(vae_halves)}
   _check_free_space(parent, trees)
   tmp = make_temp_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
   old = tmp + ".old"
@@ -160,10 +177,8 @@ def save(out_dir: str, params, config: UNetConfig, provenance: dict,
       if should_stop():
         raise KeyboardInterrupt
       _run_to_completion(lambda: _save_tree(os.path.join(tmp, name), tree))
-    meta = json.dumps({"format_version": FORMAT_VERSION, "config": json.loads(config.to_json()),
-                       "provenance": provenance}, indent=2, sort_keys=True)
     with open(os.path.join(tmp, META), "w") as f:
-      f.write(meta)
+      f.write(json.dumps(meta, indent=2, sort_keys=True))
     fsync_tree(tmp)
     if should_stop():
       raise KeyboardInterrupt
@@ -204,18 +219,31 @@ def _check_free_space(folder: str, trees: dict) -> None:
 
 
 def read_meta(path: str) -> dict:
+  """The checkpoint's metadata, in format 2's shape (a format-1 file is read as a decoder)."""
   meta_path = os.path.join(path, META)
   if not os.path.lexists(meta_path):
     raise CheckpointError(f"{path}: not a jaxconsdec checkpoint (no {META}). Convert the weights"
                           " first: jaxconsdec convert SRC -o OUT_DIR")
   try:
     meta = read_json_object(meta_path, MAX_META_BYTES)
-    UNetConfig.from_json(json.dumps(meta["config"]))
+    if meta.get("format_version") not in READABLE_FORMATS:
+      raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r}, this"
+                            f" version of jaxconsdec reads {READABLE_FORMATS}")
+    if meta["format_version"] == 1:
+      meta = {"format_version": 1, "decoder": {"config": meta["config"]},
+              "provenance": meta.get("provenance", {})}
+    if "decoder" not in meta and "vae" not in meta:
+      raise ValueError("it names no part (decoder or vae)")
+    if "decoder" in meta:
+      UNetConfig.from_json(json.dumps(meta["decoder"]["config"]))
+    if "vae" in meta:
+      VAEConfig.from_json(json.dumps(meta["vae"]["config"]))
+      if not set(meta["vae"]["halves"]) <= set(HALVES) or not meta["vae"]["halves"]:
+        raise ValueError(f"VAE halves {meta['vae']['halves']!r}")
+  except CheckpointError:
+    raise
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata ({e})")
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r}, this"
-                          f" version of jaxconsdec reads {FORMAT_VERSION}")
   return meta
 
 
@@ -227,44 +255,106 @@ def identity(path: str | Sequence[str]) -> str:
   from jaxconsdec.convert.formats import sha256_of
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
   if len(paths) == 1 and os.path.isdir(paths[0]):
-    meta = json.dumps(read_meta(os.fspath(paths[0])), sort_keys=True).encode()
-    return "checkpoint-sha256:" + hashlib.sha256(meta).hexdigest()
+    read_meta(os.fspath(paths[0]))  # a checkpoint, readable
+    return "checkpoint-sha256:" + sha256_of(os.path.join(os.fspath(paths[0]), META))
   return "files-sha256:" + ",".join(sha256_of(os.fspath(p)) for p in paths)
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class Loaded:
+  """What a checkpoint or weight file holds: the decoder, the SD VAE (or a half of it), or
+  both. `params, config = load(...)` unpacks the decoder, as it always has; the VAE is
+  `.vae_params` / `.vae_config` / `.vae_halves`. Printing it says what is there."""
+  params: Optional[dict] = None
+  config: Optional[UNetConfig] = None
+  vae_params: Optional[dict] = None
+  vae_config: Optional[VAEConfig] = None
+  vae_halves: tuple[str, ...] = ()
+  source: str = ""
+
+  def __iter__(self):
+    if self.params is None:
+      raise CheckpointError(f"{self.source} holds no Consistency Decoder, only"
+                            f" {_describe_vae(self.vae_config, self.vae_halves)}; use its"
+                            " .vae_params and .vae_config")
+    return iter((self.params, self.config))
+
+  def __repr__(self) -> str:
+    return f"Loaded({self.source}: {_describe(self.config, self.vae_config, self.vae_halves)})"
+
+
+def describe(path: str) -> str:
+  """What a checkpoint holds, in words, from its metadata alone."""
+  meta = read_meta(path)
+  config = (UNetConfig.from_json(json.dumps(meta["decoder"]["config"]))
+            if "decoder" in meta else None)
+  vae = meta.get("vae")
+  vae_config = VAEConfig.from_json(json.dumps(vae["config"])) if vae else None
+  return _describe(config, vae_config, tuple(vae["halves"]) if vae else ())
+
+
+def _describe(config, vae_config, vae_halves) -> str:
+  decoder = "no decoder" if config is None else (
+      f"the decoder ({param_count(config):,} params, widths {config.block_out_channels},"
+      f" {config.latent_channels}-channel latents)")
+  return f"{decoder}; {_describe_vae(vae_config, vae_halves)}"
+
+
+def _describe_vae(vae_config, vae_halves) -> str:
+  if vae_config is None:
+    return "no VAE"
+  part = "the whole SD VAE" if len(vae_halves) == 2 else f"the SD VAE's {vae_halves[0]}"
+  return (f"{part} ({param_count(vae_config, vae_halves):,} params,"
+          f" {vae_config.latent_channels}-channel latents)")
+
+
 def load(path: str | Sequence[str], *, dtype=None, sharding=None,
-         config: Optional[UNetConfig] = None, embedding: Optional[str] = None):
-  """-> (params, config) from a jaxconsdec checkpoint folder, or any PyTorch weight file the
-  converter reads (converted in memory).
+         config: Optional[UNetConfig] = None, embedding: Optional[str] = None,
+         vae_config: Optional[VAEConfig] = None) -> Loaded:
+  """What a jaxconsdec checkpoint folder, or a PyTorch weight file the converter reads
+  (converted in memory), holds. `params, config = load(path)` is the decoder.
 
   dtype: cast every param to this dtype on restore (default: as stored).
   sharding: a `jax.sharding.Sharding` the params are restored directly onto (default: the
     current default device, `jax.default_device` included).
-  config: the architecture of a PyTorch file. A diffusers file with a config.json beside it
-    describes itself (a config given too must agree); other files default to the released
-    decoder. For a checkpoint folder the stored config is used; one given must agree.
+  config, vae_config: the architectures of a PyTorch file. A diffusers file with a
+    config.json beside it describes itself (a config given too must agree); other files
+    default to the released decoder and the SD 1.x VAE. For a checkpoint folder the stored
+    configs are used; one given must agree.
   embedding: the time-embedding table for the raw safetensors layout.
   """
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
   if len(paths) == 1 and os.path.isdir(paths[0]):
-    params, stored = _load_checkpoint(os.fspath(paths[0]), dtype, sharding)
-    _check_same_architecture(stored, config, os.fspath(paths[0]))
-    return params, stored
-  from jaxconsdec.convert import read_weights
-  weights = read_weights(paths, config, embedding)
-  params = params_from_torch(weights.unet, weights.config)
-  if dtype is not None or sharding is not None:
-    params = jax.tree.map(lambda x: jax.device_put(x.astype(dtype or x.dtype), sharding)
-                          if sharding is not None else x.astype(dtype or x.dtype), params)
-  return params, weights.config
+    loaded = _load_checkpoint(os.fspath(paths[0]), dtype, sharding)
+    for stored, given in ((loaded.config, config), (loaded.vae_config, vae_config)):
+      if stored is not None:
+        _check_same_architecture(stored, given, os.fspath(paths[0]))
+    return loaded
+  from jaxconsdec.convert import PARTS, layout_of, read_vae_weights, read_weights
+  parts = PARTS[layout_of(os.fspath(paths[0]))]
+  put = lambda tree: tree if dtype is None and sharding is None else jax.tree.map(
+      lambda x: jax.device_put(x.astype(dtype or x.dtype), sharding), tree)
+  fields = {"source": os.fspath(paths[0])}
+  if "decoder" in parts:
+    weights = read_weights(paths, config, embedding)
+    fields.update(params=put(params_from_torch(weights.unet, weights.config)),
+                  config=weights.config)
+  if "vae" in parts:
+    vae = read_vae_weights(os.fspath(paths[0]), vae_config)
+    if "decoder" not in parts or len(vae.tensors):
+      fields.update(vae_params=put(params_from_torch(vae.tensors, vae.config, vae.halves)),
+                    vae_config=vae.config, vae_halves=vae.halves)
+  return Loaded(**fields)
 
 
-def _check_same_architecture(stored: UNetConfig, given: Optional[UNetConfig], where: str):
-  from jaxconsdec.convert.diffusers_config import ARCHITECTURE
+def _check_same_architecture(stored, given, where: str):
+  """A config given for a checkpoint must be the stored one, numerics aside."""
   if given is None:
     return
+  names = [f.name for f in dataclasses.fields(stored)
+           if f.name not in ("dtype", "param_dtype", "precision")]
   diffs = [f"{name}: {getattr(stored, name)!r} stored, {getattr(given, name)!r} given"
-           for name in ARCHITECTURE if getattr(stored, name) != getattr(given, name)]
+           for name in names if getattr(stored, name) != getattr(given, name)]
   if diffs:
     raise CheckpointError(f"{where} holds another architecture than the config given: "
                      + "; ".join(diffs) + ". A checkpoint knows its config: pass none.")
@@ -279,24 +369,37 @@ def default_device() -> jax.Device:
   return device if device is not None else jax.local_devices()[0]
 
 
-def _load_checkpoint(path: str, dtype, sharding):
+def _load_checkpoint(path: str, dtype, sharding) -> Loaded:
   meta = read_meta(path)
-  config = UNetConfig.from_json(json.dumps(meta["config"]))
-  stored = _stored_specs(path)
-  try:
-    check_params(stored, config)  # shapes only: nothing is read yet
-  except ValueError as e:
-    raise CheckpointError(f"{path}: params do not match the checkpoint's own config:\n{e}")
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(default_device())
+  fields = {"source": path}
+  if "decoder" in meta:
+    config = UNetConfig.from_json(json.dumps(meta["decoder"]["config"]))
+    fields.update(params=_restore(path, "params", config, None, dtype, sharding), config=config)
+  if "vae" in meta:
+    vae_config = VAEConfig.from_json(json.dumps(meta["vae"]["config"]))
+    halves = tuple(meta["vae"]["halves"])
+    fields.update(vae_params=_restore(path, "vae", vae_config, halves, dtype, sharding),
+                  vae_config=vae_config, vae_halves=halves)
+  return Loaded(**fields)
+
+
+def _restore(path: str, name: str, config, halves, dtype, sharding):
+  """One Orbax tree of the checkpoint, checked against its config before any array is read."""
+  stored = _stored_specs(path, name)
+  try:
+    check_params(stored, config, halves)  # shapes only: nothing is read yet
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {name} do not match the checkpoint's own config:\n{e}")
   _check_sharding(sharding, stored)
   target = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else a.dtype,
                                      sharding=sharding), stored)
   try:
-    return _checkpointer().restore(os.path.join(path, "params"), target), config
+    return _checkpointer().restore(os.path.join(path, name), target)
   except Exception as e:
-    raise CheckpointError(f"{path}: the params could not be restored; the checkpoint is"
+    raise CheckpointError(f"{path}: the {name} could not be restored; the checkpoint is"
                           f" truncated or corrupt ({type(e).__name__}: {str(e)[:300]})")
 
 
@@ -313,15 +416,15 @@ def _check_sharding(sharding, stored) -> None:
                        f" ({e})") from None
 
 
-def _stored_specs(path: str):
+def _stored_specs(path: str, name: str):
   """Shapes/dtypes as stored, from Orbax metadata (no data read)."""
   try:
-    meta = _checkpointer().metadata(os.path.join(path, "params"))
+    meta = _checkpointer().metadata(os.path.join(path, name))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     if not isinstance(tree, dict):
       raise ValueError(f"a {type(tree).__name__} where the param tree should be")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
   except Exception as e:
-    raise CheckpointError(f"{path}: the params' metadata is unreadable; the checkpoint is"
+    raise CheckpointError(f"{path}: the {name}' metadata is unreadable; the checkpoint is"
                           f" truncated or corrupt ({type(e).__name__}: {str(e)[:300]})")

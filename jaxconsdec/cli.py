@@ -92,43 +92,48 @@ def _config_arg(value: Optional[str]):
 
 
 def _convert(args: argparse.Namespace) -> int:
-  import jax
-
   from jaxconsdec import __version__, checkpoint
-  from jaxconsdec.convert import read_weights
-  from jaxconsdec.weights import params_from_torch, param_count
+  from jaxconsdec.convert import PARTS, layout_of, read_vae_weights, read_weights
+  from jaxconsdec.weights import params_from_torch
 
   # Everything that can be wrong with the command is found before the slow reading.
   if checkpoint.check_replaceable(args.output) and not args.force:
     raise UsageError(f"{args.output} exists; pass --force to replace it")
-  explicit = _config_arg(args.config)
-  weights = read_weights(args.sources, explicit, args.embedding)
-  config = weights.config.replace(param_dtype=args.dtype)
-  for src in weights.sources:
+  explicit, vae_explicit = _config_arg(args.config), _vae_config_arg(args.vae_config)
+  parts = PARTS[layout_of(args.sources[0])]
+  params = config = vae = vae_params = None
+  sources = []
+  if "decoder" in parts:
+    weights = read_weights(args.sources, explicit, args.embedding)
+    config = weights.config.replace(param_dtype=args.dtype)
+    sources = weights.sources
+  if "vae" in parts:
+    vae = read_vae_weights(args.sources[0], vae_explicit)
+    sources = sources or [vae.source]
+    if len(args.sources) > 1 and "decoder" not in parts:
+      raise UsageError(f"{args.sources[0]} is an SD VAE file: give it alone")
+  for src in sources:
     print(f"found {src.path}: format {src.format}, {src.tensor_count} tensors,"
           f" dtype {'/'.join(src.dtypes)}, {src.size:,} bytes")
-  print(f"architecture: {_describe_config(config)}")
-  params = params_from_torch(weights.unet, config)
-  extras = None
-  if len(weights.extras):
-    extras = {}
-    for name in weights.extras:  # nested by name parts: Orbax keys are path components
-      node = extras
-      *parents, leaf = name.split(".")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = jax.numpy.asarray(weights.extras[name])  # jax leaves: see checkpoint._save_tree
-  provenance = {"sources": [s.to_json() for s in weights.sources],
+  if config is not None:
+    print(f"decoder: {_describe_config(config)}")
+    params = params_from_torch(weights.unet, config)
+  vae_config = None
+  if vae is not None:
+    vae_config = vae.config.replace(param_dtype=args.dtype)
+    print(f"VAE ({' and '.join(vae.halves)}): {_describe_vae(vae_config)}")
+    vae_params = params_from_torch(vae.tensors, vae_config, vae.halves)
+  provenance = {"sources": [s.to_json() for s in sources],
                 "converter": f"jaxconsdec {__version__}", "param_dtype": args.dtype}
   stop = _ctrl_c_requests_stop("stopping: the partial checkpoint is removed once the file"
                                " being written is closed")
-  checkpoint.save(args.output, params, config, provenance, extras, force=args.force,
-                  should_stop=stop.is_set)
+  checkpoint.save(args.output, params, config, provenance, vae_params=vae_params,
+                  vae_config=vae_config, vae_halves=vae.halves if vae else (),
+                  force=args.force, should_stop=stop.is_set)
   if stop.is_set():
     print("Ctrl-C came as the checkpoint was being completed: it is complete and kept",
           file=sys.stderr)
-  extra_note = f" and {len(weights.extras)} extra tensors (SD VAE encoder)" if extras else ""
-  print(f"wrote {args.output}: {param_count(config):,} parameters in {args.dtype}{extra_note}")
+  print(f"wrote {args.output}: {checkpoint.describe(args.output)}")
   return EXIT_OK
 
 
@@ -136,6 +141,31 @@ def _describe_config(config) -> str:
   return (f"widths {config.block_out_channels}, {config.layers_per_block} layers per block,"
           f" {config.latent_channels}-channel latents (scaling {config.scaling_factor},"
           f" shift {config.shift_factor})")
+
+
+def _describe_vae(config) -> str:
+  return (f"widths {config.block_out_channels}, {config.latent_channels}-channel latents"
+          f" (scaling {config.scaling_factor}, shift {config.shift_factor})")
+
+
+VAE_PRESETS = ("sd", "sdxl", "sd3", "flux", "tiny")
+
+
+def _vae_config_arg(value: Optional[str]):
+  """--vae-config: a preset name or a JSON file (jaxconsdec's VAEConfig, or a diffusers
+  AutoencoderKL config.json); None when not given."""
+  import jaxconsdec as jcd
+  from jaxconsdec.convert import diffusers_config
+  if value is None:
+    return None
+  presets = dict(zip(VAE_PRESETS, (jcd.SD_VAE, jcd.SDXL_VAE, jcd.SD3_VAE, jcd.FLUX_VAE,
+                                   jcd.TINY_VAE)))
+  if value in presets:
+    return presets[value]
+  if not os.path.exists(value):
+    raise UsageError(f"--vae-config {value}: neither one of {', '.join(VAE_PRESETS)} nor an"
+                     " existing file")
+  return diffusers_config.read_vae_config(value)
 
 
 def _ctrl_c_requests_stop(message: str) -> threading.Event:
@@ -331,6 +361,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="architecture: released, tiny, a jaxconsdec UNetConfig JSON or a"
                        " diffusers config.json (default: the config.json beside a diffusers"
                        " file, else released)")
+  convert.add_argument("--vae-config", metavar="CONFIG",
+                       help=f"architecture of an SD VAE file: {', '.join(VAE_PRESETS)}, a"
+                       " jaxconsdec VAEConfig JSON or a diffusers config.json (default: the"
+                       " config.json beside a diffusers file, else sd)")
   convert.add_argument("--force", action="store_true",
                        help="replace an existing checkpoint at OUT (nothing else is replaced)")
   _add_verbose(convert)

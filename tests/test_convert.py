@@ -3,8 +3,6 @@ wrote it (same injected noise, the core issue's 1e-4 bound)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,21 +12,9 @@ import torch
 import jaxconsdec as jcd
 from reference import diffusers_unet, diffusers_vae, original_decode, rel_err
 import weight_files
+from weight_files import convert_without_torch
 
 DECODE_TOL = 1e-4
-
-NO_TORCH = ("import sys; sys.modules['torch'] = None\n"
-            "try:\n  import torch\n  raise SystemExit('torch importable')\n"
-            "except ImportError: pass\n"
-            "from jaxconsdec.cli import main; sys.exit(main(sys.argv[1:]))\n")
-
-
-def convert_without_torch(*args):
-  """Runs `jaxconsdec convert ARGS` in a subprocess where `import torch` fails."""
-  proc = subprocess.run([sys.executable, "-c", NO_TORCH, "convert", *args],
-                        capture_output=True, text=True, timeout=600)
-  return proc
-
 
 def _decode_parity(out_dir, unet, cfg, seed):
   params, loaded_cfg = jcd.load(out_dir)
@@ -90,7 +76,8 @@ def test_diffusers_consistency_decoder_vae(tmp_path, dtype):
   assert "format diffusers" in proc.stdout
   meta = json.load(open(tmp_path / "ck" / "jaxconsdec.json"))
   assert meta["provenance"]["sources"][0]["dtypes"] == [str(dtype).split(".")[1]]
-  assert os.path.isdir(tmp_path / "ck" / "extras")  # the SD encoder is kept
+  loaded = jcd.load(str(tmp_path / "ck"))  # the SD encoder is kept, as the VAE's encoder half
+  assert loaded.vae_halves == ("encoder",) and "the SD VAE's encoder" in repr(loaded)
   # The model that wrote the file, at the file's precision, then in fp32 for the reference.
   unet = vae.decoder_unet.to(dtype).float()
   _decode_parity(str(tmp_path / "ck"), unet, cfg, seed=42)

@@ -71,7 +71,7 @@ def test_config_takes_a_diffusers_config_json_of_either_class(tmp_path, wide_fol
   # ... and the williamberman layout, unet/config.json beside its weights, describes itself.
   weights = str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
   assert cli.main(["convert", weights, "-o", str(tmp_path / "ck")]) == cli.EXIT_OK
-  assert jcd.load(str(tmp_path / "ck"))[1] == WIDE
+  assert jcd.load(str(tmp_path / "ck")).config == WIDE
 
 
 def test_an_explicit_config_that_disagrees_with_the_folder_is_refused(tmp_path, wide_folder,
@@ -158,8 +158,11 @@ def test_checkpoints_written_before_the_latent_space_was_stored_still_load(tmp_p
   meta = json.loads(meta_path.read_text())
   old_fields = ("block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
                 "in_channels", "out_channels", "num_train_timesteps", "dtype", "param_dtype")
-  meta["config"] = {k: meta["config"][k] for k in old_fields}  # what the previous version wrote
-  assert meta["config"]["in_channels"] == 7
-  meta_path.write_text(json.dumps(meta))
+  # What the previous versions wrote: format 1, the decoder's config at the top, without
+  # latent fields (the params tree is the same).
+  old = {"format_version": 1, "provenance": meta["provenance"],
+         "config": {k: meta["decoder"]["config"][k] for k in old_fields}}
+  assert old["config"]["in_channels"] == 7
+  meta_path.write_text(json.dumps(old))
   _, cfg = jcd.load(str(tmp_path / "ck"))
   assert cfg == jcd.TINY

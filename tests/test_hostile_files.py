@@ -167,11 +167,11 @@ def test_checkpoint_that_is_corrupt_or_foreign(tmp_path):
   # A config that no longer matches the stored params.
   meta_path = tmp_path / "ck" / "jaxconsdec.json"
   meta = json.loads(meta_path.read_text())
-  meta["config"]["layers_per_block"] = 3
+  meta["decoder"]["config"]["layers_per_block"] = 3
   meta_path.write_text(json.dumps(meta))
   with pytest.raises(jcd.CheckpointError, match="do not match"):
     jcd.load(str(tmp_path / "ck"))
-  meta["config"]["layers_per_block"] = 2
+  meta["decoder"]["config"]["layers_per_block"] = 2
   meta_path.write_text(json.dumps(meta))
   jcd.load(str(tmp_path / "ck"))
   # Truncate every data file of the params.
