@@ -133,22 +133,27 @@ def resolve(weight_path: str, explicit: Optional[UNetConfig]) -> UNetConfig:
   """The config of a diffusers weight file: the config.json beside it, if any, is the
   architecture; an explicit config must agree with it on every field it states (the error
   names each one). Without either, the released decoder."""
+  return _resolve(weight_path, explicit, diffusers_fields, config_from_fields, "--config",
+                  CONSISTENCY_DECODER)
+
+
+def _resolve(weight_path, explicit, fields_of, build, flag, default):
   found = beside(weight_path)
   if found is None:
-    return explicit or CONSISTENCY_DECODER
+    return explicit or default
   try:
     value = read_json_object(found, 1 << 20)
   except (OSError, ValueError) as e:
     raise WeightFileError(f"{found}: unreadable config.json next to {weight_path} ({e})")
   where = f"{found} (beside {os.path.basename(weight_path)})"
-  fields = diffusers_fields(value, where)
+  fields = fields_of(value, where)
   if explicit is None:
-    return config_from_fields(fields, where)
-  diffs = [f"{name}: {value!r} in config.json, {getattr(explicit, name)!r} in --config"
-           for name, value in sorted(fields.items()) if getattr(explicit, name) != value]
+    return build(fields, where)
+  diffs = [f"{name}: {v!r} in config.json, {getattr(explicit, name)!r} in {flag}"
+           for name, v in sorted(fields.items()) if getattr(explicit, name) != v]
   if diffs:
-    raise WeightFileError(f"--config disagrees with {where}: " + "; ".join(diffs)
-                          + ". Drop --config (the folder describes itself) or fix it.")
+    raise WeightFileError(f"{flag} disagrees with {where}: " + "; ".join(diffs)
+                          + f". Drop {flag} (the folder describes itself) or fix it.")
   return explicit
 
 
@@ -193,25 +198,14 @@ def vae_fields(value: dict, where: str) -> dict[str, Any]:
 def resolve_vae(weight_path: str, explicit: Optional[VAEConfig]) -> VAEConfig:
   """The VAEConfig of a diffusers file, as `resolve` does for the decoder: the config.json
   beside it, if any, checked against an explicit config; else the explicit one or SD's."""
-  found = beside(weight_path)
-  if found is None:
-    return explicit or SD_VAE
+  return _resolve(weight_path, explicit, vae_fields, _vae_from_fields, "--vae-config", SD_VAE)
+
+
+def _vae_from_fields(fields: dict[str, Any], where: str) -> VAEConfig:
   try:
-    value = read_json_object(found, 1 << 20)
-  except (OSError, ValueError) as e:
-    raise WeightFileError(f"{found}: unreadable config.json next to {weight_path} ({e})")
-  where = f"{found} (beside {os.path.basename(weight_path)})"
-  fields = vae_fields(value, where)
-  if explicit is None:
-    try:
-      return VAEConfig(**fields)
-    except (TypeError, ValueError) as e:
-      raise WeightFileError(f"{where}: {e}")
-  diffs = [f"{name}: {v!r} in config.json, {getattr(explicit, name)!r} in --vae-config"
-           for name, v in sorted(fields.items()) if getattr(explicit, name) != v]
-  if diffs:
-    raise WeightFileError(f"--vae-config disagrees with {where}: " + "; ".join(diffs))
-  return explicit
+    return VAEConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise WeightFileError(f"{where}: {e}")
 
 
 def read_vae_config(path: str) -> VAEConfig:
@@ -223,7 +217,7 @@ def read_vae_config(path: str) -> VAEConfig:
     raise WeightFileError(f"{path}: not a readable JSON config ({e})")
   try:
     if "_class_name" in value or "down_block_types" in value:
-      return VAEConfig(**vae_fields(value, path))
+      return _vae_from_fields(vae_fields(value, path), path)
     return VAEConfig.from_json(json.dumps(value))
   except (TypeError, ValueError) as e:
     raise WeightFileError(f"{path}: neither a jaxconsdec VAEConfig JSON nor an AutoencoderKL"
