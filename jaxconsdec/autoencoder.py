@@ -42,9 +42,9 @@ def encode(vae_params, images, key=None, *, config: VAEConfig = SD_VAE,
     `(raw - shift_factor) * scaling_factor`).
   """
   b, _, _ = check_images(images, layout, config)
-  params = _half(vae_params, config, "encoder")
+  params = encoder_half(vae_params, config)
   keys = None if key is None else batch_keys(key, b)
-  program = xla_options.program_for(_nested_encode, _top_level_encode, params, images, keys)
+  program = xla_options.program_for(nested_encode, _top_level_encode, params, images, keys)
   return program(params, images, keys, config=config, layout=layout)
 
 
@@ -106,6 +106,11 @@ def _check_batch(x, what: str, layout: str, channels: int) -> tuple[int, int, in
   return b, h, w
 
 
+def encoder_half(vae_params, config: VAEConfig) -> dict:
+  """The encoder's entries of VAE params (all of them, or the encoder half alone), checked."""
+  return _half(vae_params, config, "encoder")
+
+
 def _half(vae_params, config: VAEConfig, half: str) -> dict:
   """The entries of one half, checked against the config (the other half may be absent)."""
   params = unwrap_variables(vae_params)
@@ -134,7 +139,8 @@ def _vae_decode_impl(params, latents, *, config, layout, clamp):
   return layouts.from_nhwc(jnp.clip(images, -1.0, 1.0) if clamp else images, layout)
 
 
-_nested_encode = jax.jit(_encode_impl, static_argnames=("config", "layout"))
+# The programs, for jaxconsdec's modules (the sharded encoder runs `nested_encode`).
+nested_encode = jax.jit(_encode_impl, static_argnames=("config", "layout"))
 _top_level_encode = xla_options.top_level_jit(_encode_impl, ("config", "layout"))
 _nested_vae_decode = jax.jit(_vae_decode_impl, static_argnames=("config", "layout", "clamp"))
 _top_level_vae_decode = xla_options.top_level_jit(_vae_decode_impl,

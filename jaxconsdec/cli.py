@@ -16,7 +16,7 @@ import traceback
 import warnings
 from typing import Optional
 
-from jaxconsdec.latent_files import DEFAULT_MAX_PIXELS
+from jaxconsdec.jobs.latent_files import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
 OpenAI's Consistency Decoder in JAX: turn Stable Diffusion 1.x/2.x latents into images.
@@ -191,7 +191,8 @@ def _decode(args: argparse.Namespace) -> int:
   _configure_compile_cache(args)
   import jax
 
-  from jaxconsdec import batch, multihost
+  from jaxconsdec import multihost
+  from jaxconsdec.jobs import decode_job, engine
   from jaxconsdec.sharded import ShardedDecoder
 
   schedule = _schedule_arg(args.schedule)
@@ -206,13 +207,12 @@ def _decode(args: argparse.Namespace) -> int:
   if lead:
     print(f"decoding on {jax.device_count()} device(s) in {jax.process_count()} process(es),"
           f" global batch {decoder.global_batch(args.batch_size)}", file=sys.stderr)
-  settings = batch.JobSettings(weights=identity, seed=args.seed, schedule=schedule,
-                               scaled_latents=args.scaled_latents, format=args.format,
-                               layout=args.layout)
-  report = batch.run_job(decoder, args.inputs, args.output, settings,
-                         batch_size=args.batch_size, strict=args.strict,
-                         progress=not args.no_progress,
-                         max_pixels=args.max_pixels or None)
+  settings = decode_job.JobSettings(weights=identity, seed=args.seed, schedule=schedule,
+                                    scaled_latents=args.scaled_latents, format=args.format,
+                                    layout=args.layout)
+  job = decode_job.DecodeJob(decoder, settings, max_pixels=args.max_pixels or None)
+  report = engine.run_job(job, args.inputs, args.output, batch_size=args.batch_size,
+                          strict=args.strict, progress=not args.no_progress)
   if lead:
     _print_report(report, args.output)
   if report.environment_error:
@@ -306,10 +306,10 @@ def _weights_arg(args):
   return params, config, checkpoint.identity(files)
 
 
-def _print_report(report, out_dir: str) -> None:
+def _print_report(report, out_dir: str, what: str = "latents", done: str = "decoded") -> None:
   hidden = f", {report.hidden} hidden files or folders skipped" if report.hidden else ""
   redone = f" ({report.redone} found cut short were redone)" if report.redone else ""
-  print(f"{report.total} latents: {report.done_before} already done, {report.decoded} decoded"
+  print(f"{report.total} {what}: {report.done_before} already done, {report.written} {done}"
         f" now{redone}, {len(report.failures)} failed{hidden} ({report.seconds:.1f} s)",
         file=sys.stderr)
   if report.environment_error:
@@ -416,7 +416,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean the command itself was wrong (exit status 2)."""
-  from jaxconsdec.batch import JobMismatchError, ProcessesDisagreeError
+  from jaxconsdec.jobs.engine import JobMismatchError, ProcessesDisagreeError
   from jaxconsdec.checkpoint import CheckpointError
   from jaxconsdec.convert import WeightFileError
   from jaxconsdec.weights import ParamsMismatchError

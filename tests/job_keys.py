@@ -1,5 +1,5 @@
 """The batch job's documented noise scheme (README, noise scheme 2), written out for tests
-independently of jaxconsdec.batch."""
+independently of jaxconsdec.jobs.engine."""
 
 import hashlib
 

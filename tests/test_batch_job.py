@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jaxconsdec as jcd
-from jaxconsdec import batch, cli
+from jaxconsdec import cli
+from jaxconsdec.jobs import decode_job, engine
 from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from jaxconsdec.sharded import ShardedDecoder
 from job_keys import documented_key
@@ -26,8 +27,13 @@ def _latents(seed, *shape):
 
 
 def _settings(**kw):
-  return batch.JobSettings(**{"weights": "test", "seed": 5, "schedule": (1.0, 0.5),
+  return decode_job.JobSettings(**{"weights": "test", "seed": 5, "schedule": (1.0, 0.5),
                               "scaled_latents": False, "format": "npy", **kw})
+
+
+def _run(decoder, inputs, out, settings, **kwargs):
+  job = decode_job.DecodeJob(decoder, settings)
+  return engine.run_job(job, inputs, str(out), progress=False, **kwargs)
 
 
 def _outputs(folder):
@@ -40,9 +46,9 @@ def test_job_outputs_equal_decode_with_the_name_keyed_noise(tmp_path, params):
   np.save(tmp_path / "b.npy", lat)
   np.save(tmp_path / "one.npy", _latents(2, 4, 2, 6))  # another size: its own group
   decoder = ShardedDecoder(params, config=CFG)
-  report = batch.run_job(decoder, [str(tmp_path / "b.npy"), str(tmp_path / "one.npy")],
-                         str(tmp_path / "out"), _settings(), batch_size=2, progress=False)
-  assert (report.total, report.decoded, report.failures) == (6, 6, [])
+  report = _run(decoder, [str(tmp_path / "b.npy"), str(tmp_path / "one.npy")],
+                tmp_path / "out", _settings(), batch_size=2)
+  assert (report.total, report.written, report.failures) == (6, 6, [])
   for i in range(5):
     want = np.asarray(jcd.decode(params, lat[i:i + 1], documented_key(5, f"b-{i}")[None],
                                  config=CFG))[0]
@@ -50,9 +56,9 @@ def test_job_outputs_equal_decode_with_the_name_keyed_noise(tmp_path, params):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   assert np.load(tmp_path / "out" / "one.npy").shape == (3, 16, 48)
   # A re-run finds everything done and decodes nothing.
-  again = batch.run_job(decoder, [str(tmp_path / "b.npy"), str(tmp_path / "one.npy")],
-                        str(tmp_path / "out"), _settings(), batch_size=2, progress=False)
-  assert (again.done_before, again.decoded) == (6, 0)
+  again = _run(decoder, [str(tmp_path / "b.npy"), str(tmp_path / "one.npy")],
+               tmp_path / "out", _settings(), batch_size=2)
+  assert (again.done_before, again.written) == (6, 0)
 
 
 def test_scaled_latents_flag_divides_by_the_sd_factor(tmp_path, params):
@@ -61,10 +67,8 @@ def test_scaled_latents_flag_divides_by_the_sd_factor(tmp_path, params):
   (tmp_path / "scaled").mkdir()
   np.save(tmp_path / "scaled" / "raw.npy", raw * LATENT_SCALE)
   decoder = ShardedDecoder(params, config=CFG)
-  batch.run_job(decoder, [str(tmp_path / "raw.npy")], str(tmp_path / "a"), _settings(),
-                progress=False)
-  batch.run_job(decoder, [str(tmp_path / "scaled")], str(tmp_path / "b"),
-                _settings(scaled_latents=True), progress=False)
+  _run(decoder, [str(tmp_path / "raw.npy")], tmp_path / "a", _settings())
+  _run(decoder, [str(tmp_path / "scaled")], tmp_path / "b", _settings(scaled_latents=True))
   for i in range(2):
     np.testing.assert_allclose(np.load(tmp_path / "b" / f"raw-{i}.npy"),
                                np.load(tmp_path / "a" / f"raw-{i}.npy"), atol=1e-5)
@@ -73,11 +77,9 @@ def test_scaled_latents_flag_divides_by_the_sd_factor(tmp_path, params):
 def test_settings_mismatch_is_refused(tmp_path, params):
   np.save(tmp_path / "x.npy", _latents(4, 4, 2, 2))
   decoder = ShardedDecoder(params, config=CFG)
-  batch.run_job(decoder, [str(tmp_path / "x.npy")], str(tmp_path / "o"), _settings(),
-                progress=False)
-  with pytest.raises(batch.JobMismatchError, match="seed: 5 there, 6 now"):
-    batch.run_job(decoder, [str(tmp_path / "x.npy")], str(tmp_path / "o"), _settings(seed=6),
-                  progress=False)
+  _run(decoder, [str(tmp_path / "x.npy")], tmp_path / "o", _settings())
+  with pytest.raises(engine.JobMismatchError, match="seed: 5 there, 6 now"):
+    _run(decoder, [str(tmp_path / "x.npy")], tmp_path / "o", _settings(seed=6))
 
 
 def _corpus(d):

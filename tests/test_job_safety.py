@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jaxconsdec as jcd
-from jaxconsdec import batch, checkpoint, cli, files
+from jaxconsdec import checkpoint, cli, files
+from jaxconsdec.jobs import engine
 from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from hostile import leftovers, run_cli
 
@@ -86,7 +87,7 @@ def test_an_internal_error_shows_its_traceback_with_exit_4(tmp_path, monkeypatch
 
   def broken(*args, **kwargs):
     raise ValueError("a bug, not the user's fault")  # a ValueError must not read as exit 2
-  monkeypatch.setattr(batch, "run_job", broken)
+  monkeypatch.setattr(engine, "run_job", broken)
   assert _decode(tmp_path / "x.npy", "-o", tmp_path / "out", *COMMON) == cli.EXIT_INTERNAL
   err = capsys.readouterr().err
   assert "Traceback" in err and "a bug, not the user's fault" in err

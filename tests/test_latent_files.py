@@ -6,7 +6,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxconsdec.config import UNetConfig
-from jaxconsdec.latent_files import LatentReader, list_latents
+from jaxconsdec.jobs.latent_files import LatentReader, list_latents
 
 
 def _latents(*shape):

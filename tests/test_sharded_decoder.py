@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jaxconsdec as jcd
-from jaxconsdec import batch, cli
+from jaxconsdec import cli
+from jaxconsdec.jobs import decode_job, engine
 from jaxconsdec.config import SD_SCALING_FACTOR as LATENT_SCALE
 from jaxconsdec.sharded import ShardedDecoder
 
@@ -49,7 +50,7 @@ def test_the_last_batch_pads_to_the_device_count_not_the_batch_size(tmp_path, ca
   assert cli.main(["decode", str(tmp_path / "x.npy"), "-o", str(tmp_path / "out"),
                    "--batch-size", "8", *COMMON]) == 0
   # One device: 8 latents, then the ninth alone (it was padded to 8 before).
-  assert "compiling 2 program(s) (batch x latent size: 1 x 2x2, 8 x 2x2)" in (
+  assert "compiling 2 program(s) (batch x latent shape: 1 x 4x2x2, 8 x 4x2x2)" in (
       capsys.readouterr().err)
 
 
@@ -58,10 +59,10 @@ def test_a_job_of_another_noise_scheme_is_not_mixed(tmp_path, capsys):
   out = tmp_path / "out"
   args = ["decode", str(tmp_path / "x.npy"), "-o", str(out), *COMMON]
   assert cli.main(args) == 0
-  manifest = json.loads((out / batch.MANIFEST).read_text())
+  manifest = json.loads((out / engine.MANIFEST).read_text())
   assert manifest["noise_scheme"] == 2
   del manifest["noise_scheme"]  # as written by jaxconsdec before the scheme was versioned
-  (out / batch.MANIFEST).write_text(json.dumps(manifest))
+  (out / engine.MANIFEST).write_text(json.dumps(manifest))
   assert cli.main(args) == cli.EXIT_USAGE
   assert "noise_scheme: None there, 2 now" in capsys.readouterr().err
 

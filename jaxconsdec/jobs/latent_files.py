@@ -55,6 +55,11 @@ class LatentItem:
   hw: tuple[int, int]        # latent height and width
 
   @property
+  def group(self) -> tuple[int, int]:
+    """Latents of one size share a compiled program."""
+    return self.hw
+
+  @property
   def where(self) -> str:
     """A human-readable location: file, array name and row."""
     out = self.path + (f"[{self.array!r}]" if self.array is not None else "")

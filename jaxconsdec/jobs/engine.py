@@ -1,13 +1,14 @@
-"""The batch job: latent files in, image files out, across every device of every process.
+"""The engine of every file-to-file job: inputs in, one output file per example, across every
+device of every process.
 
-`run_job` lists the inputs (headers only), skips what OUT_DIR already holds, groups the rest
-by latent size (one compile per size), and decodes them in global batches with a
-`ShardedDecoder`; each process reads and writes only its own rows of each batch.
+`run_job(job, ...)` lists the inputs (headers only), skips what OUT_DIR already holds, groups
+the rest by size (one compile per size, all before the work starts), and runs them in global
+batches through the job's sharded program; each process reads and writes only its own rows.
+A `Job` says what its inputs, program and outputs are (`DecodeJob`, `EncodeJob`).
 
 Nothing is lost or half-written: every output is written under a temporary name, fsync-ed
 and renamed into place, so an output that exists is complete. A re-run (after a crash,
-SIGKILL, pre-emption) checks each existing output (a PNG must end with its IEND chunk, an
-NPY must hold all the bytes its header declares) and does only what is missing or cut
+SIGKILL, pre-emption) checks each existing output and does only what is missing or cut
 short. Bad inputs are skipped with their reason, listed at the end and in
 OUT_DIR/failures.json; with `strict` the job stops at the first one. Every output path is
 checked to lie inside OUT_DIR (symlinked subfolders included) before anything is written.
@@ -17,9 +18,9 @@ its manifest, a write error) is gathered (`multihost`) so that all processes sto
 with the same error instead of waiting forever in the next collective.
 
 Noise: each example's key is derived from the seed and a 64-bit hash of its output name
-(`example_key`), so an image depends only on (weights, seed, schedule, its latent, its
-name): not on the batch size, the device or host count, or what else the job holds. Adding
-latents and re-running is fine. The scheme is versioned in the manifest (NOISE_SCHEME).
+(`example_keys_for`), so an output depends only on the settings, its input and its name:
+not on the batch size, the device or host count, or what else the job holds. The scheme is
+versioned in the manifest (NOISE_SCHEME).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import os
 import stat
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -42,34 +43,16 @@ import tqdm
 from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
                               path_component_problem, read_json_object, write_atomic)
-from jaxconsdec.images import encode_png, png_is_complete, to_uint8
-from jaxconsdec.latent_files import (DEFAULT_MAX_PIXELS, Failure, LatentItem, LatentReader,
-                                     list_latents, read_headers)
-from jaxconsdec.sampler import UPSAMPLE
-from jaxconsdec.sharded import ShardedDecoder
+from jaxconsdec.jobs.latent_files import Failure
 
 MANIFEST = "jaxconsdec-job.json"
 FAILURES = "failures.json"
-FORMATS = ("png", "npy")
 MAX_MANIFEST_BYTES = 1 << 20
-
 
 # How an example's noise key follows from the seed and its output name. 1: a 32-bit hash
 # folded in once (collides among ~77k names, 50% odds). 2: a 64-bit hash, folded in as two
 # 32-bit halves. Outputs of different schemes are never mixed in one OUT_DIR.
 NOISE_SCHEME = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSettings:
-  """What decides the outputs' values; a re-run into the same OUT_DIR must match it."""
-  weights: str                # identity of the weights, by content (see cli._weights_arg)
-  seed: int
-  schedule: tuple[float, ...]
-  scaled_latents: bool
-  format: str = "png"
-  layout: str = "NCHW"
-  noise_scheme: int = NOISE_SCHEME
 
 
 class JobMismatchError(ValueError):
@@ -86,15 +69,53 @@ SETUP_ERRORS = (JobMismatchError, ProcessesDisagreeError, OSError)
 
 @dataclasses.dataclass
 class JobReport:
-  total: int                  # latents found
+  total: int                  # examples found
   done_before: int            # already complete in OUT_DIR when the job started
-  decoded: int                # written by this run (all processes)
+  written: int                # written by this run (all processes)
   failures: list[Failure]
   seconds: float
   stopped: bool = False       # stopped early: strict mode at a bad input, or an environment error
   redone: int = 0             # outputs found cut short (a crash before they were flushed), redone
   hidden: int = 0             # dot-files and dot-folders skipped while walking input folders
   environment_error: Optional[str] = None  # what stopped the job (disk full, permission, I/O)
+
+
+class Job:
+  """What a job does; `run_job` does the rest. Items (what `list` returns) have `name` (the
+  output's path in OUT_DIR, without extension), `where` (the input, for people) and `group`
+  (items of one group share one program shape)."""
+  program: Any            # a ShardedProgram
+  extension: str          # of the outputs
+  what: str               # one example, in words ("latent", "image")
+  nonfinite: str = "it holds NaN or inf values"
+
+  def settings(self) -> dict:
+    """Everything that decides the outputs' values: recorded in OUT_DIR's manifest, and a
+    re-run into the same OUT_DIR must match it."""
+    raise NotImplementedError
+
+  def list(self, inputs: Sequence[str], exclude: Sequence[str]):
+    """-> a Listing (items, failures, hidden), reading headers only."""
+    raise NotImplementedError
+
+  def example_shape(self, group) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def reader(self):
+    """An object with read(item) -> one example (numpy) and close()."""
+    raise NotImplementedError
+
+  def keys(self, names: Sequence[str]) -> jax.Array:
+    raise NotImplementedError
+
+  def check_first(self, examples: np.ndarray) -> None:
+    """Looks at the first batch's examples (process 0): a place for warnings."""
+
+  def output_complete(self, path: str, item) -> bool:
+    raise NotImplementedError
+
+  def encode_output(self, item, output: np.ndarray) -> bytes:
+    raise NotImplementedError
 
 
 def example_index(name: str) -> int:
@@ -111,50 +132,46 @@ def example_keys_for(names: Sequence[str], seed: int) -> jax.Array:
   return jax.vmap(lambda h, l: jax.random.fold_in(jax.random.fold_in(base, h), l))(hi, lo)
 
 
-def run_job(decoder: ShardedDecoder, inputs: Sequence[str], out_dir: str,
-            settings: JobSettings, *, batch_size: int = 8, strict: bool = False,
-            progress: bool = True, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> JobReport:
-  """Decodes every latent of `inputs` into OUT_DIR. See the module docstring.
+def run_job(job: Job, inputs: Sequence[str], out_dir: str, *, batch_size: int = 8,
+            strict: bool = False, progress: bool = True) -> JobReport:
+  """Runs `job` on every example of `inputs` into OUT_DIR. See the module docstring.
 
   Raises (on every process together) JobMismatchError if OUT_DIR holds another job's
   outputs, ProcessesDisagreeError if the processes see different inputs, OSError if OUT_DIR
   cannot be used. Errors while writing outputs stop the job and are reported in the
   JobReport (`environment_error`), not raised.
   """
-  if settings.format not in FORMATS:
-    raise ValueError(f"format must be one of {FORMATS}, got {settings.format!r}")
   start = time.perf_counter()
   lead = jax.process_index() == 0
-  listing = list_latents(inputs, layout=settings.layout, config=decoder.config,
-                         max_pixels=max_pixels, exclude=[out_dir])
+  listing = job.list(inputs, exclude=[out_dir])
   items, failures = listing.items, listing.failures
-  _check_same_inputs(items)
+  _check_same_inputs(items, job.what)
   if strict and failures:
     return JobReport(len(items), 0, 0, failures, time.perf_counter() - start, stopped=True,
                      hidden=listing.hidden)
   error = None
   try:
-    _prepare_out_dir(out_dir, settings)
+    _prepare_out_dir(out_dir, job.settings())
   except SETUP_ERRORS as e:
     error = e
   multihost.raise_together(error, SETUP_ERRORS)
-  done, incomplete = _done_everywhere(out_dir, items, settings)
+  done, incomplete = _done_everywhere(out_dir, items, job)
   pending = [item for item, d in zip(items, done) if not d]
-  groups = list(_by_size(pending).values())
-  _compile_programs(decoder, groups, settings, batch_size, lead)
-  bar = _progress_bar(len(pending), enabled=progress and lead)
-  decoded, stopped, environment_error = 0, False, None
+  groups = list(_by_group(pending).values())
+  _compile_programs(job, groups, batch_size, lead)
+  bar = _progress_bar(len(pending), job.what, enabled=progress and lead)
+  written, stopped, environment_error = 0, False, None
   for group in groups:
-    count, bad, stopped, environment_error = _decode_group(decoder, group, out_dir, settings,
-                                                           batch_size, strict, bar, lead)
-    decoded += count
+    count, bad, stopped, environment_error = _run_group(job, group, out_dir, batch_size,
+                                                        strict, bar, lead)
+    written += count
     failures += bad
     if stopped:
       break
   bar.close()
   failures = _gather_failures(failures)
-  decoded = multihost.sum_over_processes(decoded)
-  report = JobReport(len(items), int(sum(done)), decoded, failures, time.perf_counter() - start,
+  written = multihost.sum_over_processes(written)
+  report = JobReport(len(items), int(sum(done)), written, failures, time.perf_counter() - start,
                      stopped, incomplete, listing.hidden, environment_error)
   # Each process writes the same list into its OUT_DIR (they may be one shared folder or one
   # per host); no collective follows, so a process that cannot write it hangs nobody.
@@ -162,76 +179,76 @@ def run_job(decoder: ShardedDecoder, inputs: Sequence[str], out_dir: str,
   return report
 
 
-def _check_same_inputs(items: list[LatentItem]) -> None:
+def _check_same_inputs(items, what: str) -> None:
   """Every process must plan the same batches: compare what each one listed."""
   if jax.process_count() == 1:
     return
-  digest = hashlib.sha256(json.dumps([(i.name, i.hw) for i in items]).encode()).hexdigest()
-  seen = multihost.gather_json([digest, len(items)])
+  digest = hashlib.sha256(json.dumps([(i.name, list(i.group)) for i in items]).encode())
+  seen = multihost.gather_json([digest.hexdigest(), len(items)])
   if len({d for d, _ in seen}) > 1:
     counts = ", ".join(f"process {p}: {n}" for p, (_, n) in enumerate(seen))
     raise ProcessesDisagreeError(
-        f"the processes see different inputs ({counts} latents, or the same number under"
+        f"the processes see different inputs ({counts} {what}s, or the same number under"
         " other names). Every host must read the same input files: put them on shared"
         " storage or copy them identically to each host.")
 
 
-def _batches(group: list[LatentItem], global_batch: int, decoder: ShardedDecoder):
-  """(items, size of the program's batch) for each step over one size group: full global
+def _batches(group: list, global_batch: int, program):
+  """(items, size of the program's batch) for each step over one group: full global
   batches, then the rest padded only up to a multiple of the device count."""
   for first in range(0, len(group), global_batch):
     batch = group[first:first + global_batch]
-    yield batch, decoder.global_batch(len(batch))
+    yield batch, program.global_batch(len(batch))
 
 
-def _latent_shape(hw: tuple[int, int], settings: JobSettings,
-                  config) -> tuple[int, int, int]:
-  c = config.latent_channels
-  return (c, *hw) if settings.layout == "NCHW" else (*hw, c)
-
-
-def _compile_programs(decoder, groups, settings, batch_size, lead) -> None:
-  """Compiles every program the job will run before decoding starts, so that the progress
-  bar's rate and time left count decoding only."""
-  global_batch = decoder.global_batch(batch_size)
-  needed = {(size, group[0].hw) for group in groups
-            for _, size in _batches(group, global_batch, decoder)}
+def _compile_programs(job: Job, groups, batch_size: int, lead: bool) -> None:
+  """Compiles every program the job will run before the work starts, so that the progress
+  bar's rate and time left count the work only."""
+  global_batch = job.program.global_batch(batch_size)
+  needed = sorted({(size, tuple(job.example_shape(group[0].group))) for group in groups
+                   for _, size in _batches(group, global_batch, job.program)})
   if needed and lead:
-    shapes = ", ".join(f"{size} x {h}x{w}" for size, (h, w) in sorted(needed))
-    print(f"compiling {len(needed)} program(s) (batch x latent size: {shapes})",
+    shapes = ", ".join(f"{size} x {'x'.join(map(str, shape))}" for size, shape in needed)
+    print(f"compiling {len(needed)} program(s) (batch x {job.what} shape: {shapes})",
           file=sys.stderr)
-  for size, hw in sorted(needed):
-    decoder.compile(size, _latent_shape(hw, settings, decoder.config))
+  for size, shape in needed:
+    job.program.compile(size, shape)
 
 
-def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar, lead):
-  """Decodes the pending latents of one size.
+def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
+  """Runs the pending examples of one group.
 
   -> (written here, failures here, stopped, environment error or None). After each batch
   the processes agree whether to stop, so they leave the loop together.
   """
-  reader = LatentReader()
+  reader = job.reader()
   written, failures = 0, []
+  shape = job.example_shape(group[0].group)
   try:
-    for step, (batch, size) in enumerate(_batches(group, decoder.global_batch(batch_size),
-                                                  decoder)):
-      rows = decoder.local_rows(size)
+    for step, (batch, size) in enumerate(_batches(group, job.program.global_batch(batch_size),
+                                                  job.program)):
+      rows = job.program.local_rows(size)
       mine = batch[rows]
       n_rows = rows.stop - rows.start
-      latents, unreadable = _read_rows(reader, mine, settings, n_rows, group[0], decoder.config)
-      if step == 0 and lead:  # the warning shows whether or not a progress bar does
-        _warn_if_scale_looks_wrong(latents[:len(mine)], settings.scaled_latents, decoder.config)
+      examples = np.zeros((n_rows, *shape), job.program.example_dtype)
+      unreadable = {}
+      for i, item in enumerate(mine):
+        try:
+          examples[i] = reader.read(item)
+        except Exception as e:  # the file changed or broke after listing
+          unreadable[i] = f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+      if step == 0 and lead:  # warnings show whether or not a progress bar does
+        job.check_first(np.delete(examples[:len(mine)], list(unreadable), axis=0))
       names = [item.name for item in mine] + [""] * (n_rows - len(mine))
-      keys = example_keys_for(names, settings.seed)
-      images, finite, all_finite = decoder(latents, keys, size)
+      outputs, finite, all_finite = job.program(examples, job.keys(names), size)
       environment_error = None
       for i, item in enumerate(mine):
         if i in unreadable:
           failures.append(Failure(item.where, unreadable[i]))
         elif not finite[i]:
-          failures.append(Failure(item.where, "the latent holds NaN or inf values"))
+          failures.append(Failure(item.where, job.nonfinite))
         elif environment_error is None:
-          problem, environment_error = _write_output(out_dir, item, images[i], settings)
+          problem, environment_error = _write_output(out_dir, item, outputs[i], job)
           if problem:
             failures.append(Failure(item.where, problem))
           else:
@@ -247,47 +264,8 @@ def _decode_group(decoder, group, out_dir, settings, batch_size, strict, bar, le
     reader.close()
 
 
-def _read_rows(reader, mine, settings, n_rows, like, config):
-  """This process's latents of one batch, padded with zeros to n_rows. A row that cannot be
-  read becomes NaN, so the program flags it on every process (strict mode agrees to stop)."""
-  latents = np.zeros((n_rows, *_latent_shape(like.hw, settings, config)), np.float32)
-  unreadable = {}
-  for i, item in enumerate(mine):
-    try:
-      latents[i] = reader.read(item)
-    except Exception as e:  # the file changed or broke after listing
-      latents[i] = np.nan
-      unreadable[i] = f"unreadable ({type(e).__name__}: {str(e)[:200]})"
-  if settings.scaled_latents:  # pipeline latents -> raw: / scaling_factor + shift_factor
-    latents = latents / config.scaling_factor + config.shift_factor
-  return latents, unreadable
-
-
-def _warn_if_scale_looks_wrong(latents: np.ndarray, scaled: bool, config) -> None:
-  """Passing pipeline latents for raw ones (or the reverse) is the most common mistake, and
-  gives washed-out or burnt images. Raw latents spread like the decoder's statistics divided
-  by the scaling factor (SD 1.x: std near 5.5); pipeline latents near 1."""
-  finite = latents[np.isfinite(latents)]
-  if finite.size < 64:
-    return
-  expected = float(np.sqrt(np.mean(np.square(config.latent_std) + np.square(config.latent_mean)))
-                   / config.scaling_factor)
-  std = float(finite.std())
-  if std < expected / 2.2:
-    advice = ("--scaled-latents may be dividing raw latents a second time" if scaled else
-              "if they are pipeline latents (before / vae.config.scaling_factor), pass"
-              " --scaled-latents")
-  elif std > expected * 2.7:
-    advice = ("if they are raw latents, drop --scaled-latents" if scaled else
-              "are they in another unit?")
-  else:
-    return
-  print(f"WARNING: the latents have std {std:.2f} as the decoder sees them, raw latents of"
-        f" its latent space about {expected:.1f}: {advice}", file=sys.stderr)
-
-
-def output_path(out_dir: str, item: LatentItem, fmt: str) -> str:
-  return os.path.join(out_dir, f"{item.name}.{fmt}")
+def output_path(out_dir: str, item, job: Job) -> str:
+  return os.path.join(out_dir, f"{item.name}.{job.extension}")
 
 
 # Write errors that concern one output's path, not the machine: that output is a listed
@@ -296,22 +274,15 @@ def output_path(out_dir: str, item: LatentItem, fmt: str) -> str:
 _PATH_ERRNOS = (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EXDEV)
 
 
-def _write_output(out_dir, item, image, settings) -> tuple[Optional[str], Optional[str]]:
+def _write_output(out_dir, item, output, job: Job) -> tuple[Optional[str], Optional[str]]:
   """Writes one output inside OUT_DIR. -> (why this output failed, environment error)."""
   folder, base = os.path.split(item.name)
   try:
     if path_component_problem(base):  # listing guarantees this; never trust it blindly
       raise UnsafePathError(errno.EINVAL, path_component_problem(base), item.name)
     directory = make_dirs_inside(out_dir, folder) if folder else out_dir
-    path = os.path.join(directory, f"{base}.{settings.format}")
-    if settings.format == "png":
-      hwc = image.transpose(1, 2, 0) if settings.layout == "NCHW" else image
-      data = encode_png(to_uint8(hwc))
-    else:
-      buffer = io.BytesIO()
-      np.save(buffer, image.astype(np.float32))
-      data = buffer.getvalue()
-    write_atomic(path, data)
+    write_atomic(os.path.join(directory, f"{base}.{job.extension}"),
+                 job.encode_output(item, output))
     return None, None
   except OSError as e:
     where = e.filename or os.path.join(out_dir, item.name)
@@ -321,14 +292,20 @@ def _write_output(out_dir, item, image, settings) -> tuple[Optional[str], Option
     return message, message
 
 
-def _by_size(items: list[LatentItem]) -> dict[tuple[int, int], list[LatentItem]]:
-  groups: dict[tuple[int, int], list[LatentItem]] = {}
+def npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array.astype(np.float32))
+  return buffer.getvalue()
+
+
+def _by_group(items: list) -> dict:
+  groups: dict = {}
   for item in items:
-    groups.setdefault(item.hw, []).append(item)
+    groups.setdefault(item.group, []).append(item)
   return groups
 
 
-def _prepare_out_dir(out_dir: str, settings: JobSettings) -> None:
+def _prepare_out_dir(out_dir: str, settings: dict) -> None:
   """Creates OUT_DIR, checks or writes its manifest, clears a killed run's temporary files.
   Every process does this for its own OUT_DIR (one shared folder, or one per host)."""
   os.makedirs(out_dir, exist_ok=True)
@@ -336,10 +313,9 @@ def _prepare_out_dir(out_dir: str, settings: JobSettings) -> None:
   _remove_temporaries(out_dir)
 
 
-def _check_manifest(out_dir: str, settings: JobSettings) -> None:
+def _check_manifest(out_dir: str, settings: dict) -> None:
   path = os.path.join(out_dir, MANIFEST)
-  ours = {"jaxconsdec_job": 1, **dataclasses.asdict(settings)}
-  ours["schedule"] = list(settings.schedule)
+  ours = {"jaxconsdec_job": 1, **settings}
   if not os.path.lexists(path):
     write_atomic(path, json.dumps(ours, indent=2, sort_keys=True).encode())
     return
@@ -353,7 +329,7 @@ def _check_manifest(out_dir: str, settings: JobSettings) -> None:
   if diffs:
     raise JobMismatchError(
         f"{out_dir} holds outputs of a job with other settings ({'; '.join(diffs)}). Mixing"
-        " them would give a set of images that no single run produces: use another -o, or"
+        " them would give a set of outputs that no single run produces: use another -o, or"
         " delete the folder to start over.")
 
 
@@ -367,35 +343,28 @@ def _remove_temporaries(out_dir: str) -> None:
           pass
 
 
-def _done_everywhere(out_dir: str, items: list[LatentItem],
-                     settings: JobSettings) -> tuple[list[bool], int]:
+def _done_everywhere(out_dir: str, items: list, job: Job) -> tuple[list[bool], int]:
   """Which outputs are complete, OR-ed over processes (each may have its own OUT_DIR), so
   every process plans the same batches; and how many were found cut short (to be redone)."""
-  states = [_output_state(out_dir, item, settings) for item in items]
+  states = [_output_state(out_dir, item, job) for item in items]
   done = multihost.or_over_processes(np.array([s == "complete" for s in states], bool))
   cut = multihost.or_over_processes(np.array([s == "incomplete" for s in states], bool))
   return done.tolist(), int((cut & ~done).sum())
 
 
-def _output_state(out_dir: str, item: LatentItem, settings: JobSettings) -> str:
+def _output_state(out_dir: str, item, job: Job) -> str:
   """'complete', 'absent', or 'incomplete' (present but not a whole output of this shape)."""
-  path = output_path(out_dir, item, settings.format)
+  path = output_path(out_dir, item, job)
   try:
     mode = os.lstat(path).st_mode
   except OSError:
     return "absent"
   if not stat.S_ISREG(mode) or not is_inside(os.path.dirname(path), out_dir):
     return "incomplete"
-  h, w = UPSAMPLE * item.hw[0], UPSAMPLE * item.hw[1]
-  if settings.format == "png":
-    return "complete" if png_is_complete(path, w, h) else "incomplete"
-  want = (3, h, w) if settings.layout == "NCHW" else (h, w, 3)
   try:
-    [header] = read_headers(path)  # checks the header's size against the file's
+    return "complete" if job.output_complete(path, item) else "incomplete"
   except Exception:
     return "incomplete"
-  ok = header.shape == want and header.dtype == np.float32 and not header.fortran
-  return "complete" if ok else "incomplete"
 
 
 def _gather_failures(failures: list[Failure]) -> list[Failure]:
@@ -428,12 +397,12 @@ def _write_failures(out_dir: str, failures: list[Failure], report: JobReport) ->
       raise
 
 
-def _progress_bar(total: int, enabled: bool) -> tqdm.tqdm:
-  """images done / total, images/s and time left (tqdm): redrawn in place on a terminal,
-  a line every 10 s in a log file."""
+def _progress_bar(total: int, what: str, enabled: bool) -> tqdm.tqdm:
+  """done / total, per second and time left (tqdm): redrawn in place on a terminal, a line
+  every 10 s in a log file."""
   stream = sys.stderr  # looked up now: it may have been replaced since import
   tty = hasattr(stream, "isatty") and stream.isatty()
-  return tqdm.tqdm(total=total, disable=not enabled or total == 0, unit="image",
+  return tqdm.tqdm(total=total, disable=not enabled or total == 0, unit=what,
                    file=stream if tty else _LogLines(stream), mininterval=0.5 if tty else 10,
                    dynamic_ncols=tty, ascii=not tty)
 
