@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 import ml_dtypes
 import numpy as np
@@ -87,6 +87,23 @@ def _entry(name: str, spec, data_start: int, data_size: int) -> Entry:
       raise ValueError(f"tensor {name!r:.80}: shape {tuple(shape)} of {dtype_name} needs {need}"
                        f" bytes, its offsets span {end - begin}")
   return Entry(dtype_name, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def to_bytes(tensors: dict[str, np.ndarray], metadata: Optional[dict[str, str]] = None) -> bytes:
+  """A safetensors file holding `tensors` (and string `metadata`), as bytes."""
+  names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+  header, blobs, offset = {}, [], 0
+  for name, array in tensors.items():
+    data = np.ascontiguousarray(array).tobytes()
+    header[name] = {"dtype": names[np.dtype(array.dtype)], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+  return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 def read_tensor(f: BinaryIO, entry: Entry) -> np.ndarray:

@@ -23,6 +23,7 @@ OpenAI's Consistency Decoder in JAX: turn Stable Diffusion 1.x/2.x latents into 
 
   jaxconsdec convert decoder.pt -o consdec-ckpt          convert the published weights once
   jaxconsdec decode LATENTS... -o OUT --weights consdec-ckpt   decode files of latents
+  jaxconsdec encode IMAGES... -o LATENTS --vae vae-ckpt  images to latent files (SD VAE)
   jaxconsdec sample -o sample.png                        smoke test with random weights
 
 Run `jaxconsdec COMMAND --help` for a command's flags.
@@ -184,44 +185,75 @@ def _ctrl_c_requests_stop(message: str) -> threading.Event:
 
 
 def _decode(args: argparse.Namespace) -> int:
-  _check_decode_flags(args)  # before anything is started, read or written
-  # Order matters: the distributed runtime and the compilation cache are configured before
-  # anything touches a JAX backend.
-  _start_distributed(args)
-  _configure_compile_cache(args)
-  import jax
-
-  from jaxconsdec import multihost
-  from jaxconsdec.jobs import decode_job, engine
+  _schedule_arg(args.schedule)
+  _check_job_flags(args)  # before anything is started, read or written
+  _start_job_runtime(args)
+  from jaxconsdec.jobs import decode_job
   from jaxconsdec.sharded import ShardedDecoder
 
-  schedule = _schedule_arg(args.schedule)
-  error = None
-  try:
-    params, config, identity = _weights_arg(args)  # fails here, before any work, if wrong
-  except _usage_errors() + (OSError,) as e:
-    error = e
-  multihost.raise_together(error, _usage_errors() + (OSError,))  # no host waits for another
-  lead = jax.process_index() == 0
-  decoder = ShardedDecoder(params, config=config, schedule=schedule, layout=args.layout)
-  if lead:
-    print(f"decoding on {jax.device_count()} device(s) in {jax.process_count()} process(es),"
-          f" global batch {decoder.global_batch(args.batch_size)}", file=sys.stderr)
-  settings = decode_job.JobSettings(weights=identity, seed=args.seed, schedule=schedule,
+  params, config, identity = _agreed(lambda: _weights_arg(args))
+  decoder = ShardedDecoder(params, config=config, schedule=_schedule_arg(args.schedule),
+                           layout=args.layout)
+  settings = decode_job.JobSettings(weights=identity, seed=args.seed,
+                                    schedule=_schedule_arg(args.schedule),
                                     scaled_latents=args.scaled_latents, format=args.format,
                                     layout=args.layout)
   job = decode_job.DecodeJob(decoder, settings, max_pixels=args.max_pixels or None)
+  return _run_job(args, job, "decoding", "latents", "decoded")
+
+
+def _encode(args: argparse.Namespace) -> int:
+  _check_job_flags(args)  # before anything is started, read or written
+  _start_job_runtime(args)
+  from jaxconsdec.jobs import encode_job
+  from jaxconsdec.sharded import ShardedEncoder
+
+  vae_params, vae_config, identity = _agreed(lambda: _vae_arg(args))
+  encoder = ShardedEncoder(vae_params, config=vae_config, sample=args.sample)
+  settings = encode_job.EncodeSettings(vae=identity, sample=args.sample, seed=args.seed,
+                                       format=args.format, fit=args.fit)
+  job = encode_job.EncodeJob(encoder, settings, max_pixels=args.max_pixels or None)
+  return _run_job(args, job, "encoding", "images", "encoded")
+
+
+def _start_job_runtime(args) -> None:
+  """The distributed runtime and the compilation cache, before anything touches a JAX
+  backend (the order matters)."""
+  _start_distributed(args)
+  _configure_compile_cache(args)
+
+
+def _agreed(load):
+  """Loads weights on every process; if any process fails, all raise (none waits forever
+  for another in the job's first collective)."""
+  from jaxconsdec import multihost
+  result, error = None, None
+  try:
+    result = load()
+  except _usage_errors() + (OSError,) as e:
+    error = e
+  multihost.raise_together(error, _usage_errors() + (OSError,))
+  return result
+
+
+def _run_job(args, job, doing: str, what: str, done: str) -> int:
+  import jax
+
+  from jaxconsdec.jobs import engine
+  lead = jax.process_index() == 0
+  if lead:
+    print(f"{doing} on {jax.device_count()} device(s) in {jax.process_count()} process(es),"
+          f" global batch {job.program.global_batch(args.batch_size)}", file=sys.stderr)
   report = engine.run_job(job, args.inputs, args.output, batch_size=args.batch_size,
                           strict=args.strict, progress=not args.no_progress)
   if lead:
-    _print_report(report, args.output)
+    _print_report(report, args.output, what, done)
   if report.environment_error:
     return EXIT_ENVIRONMENT
   return EXIT_INPUTS_FAILED if report.failures else EXIT_OK
 
 
-def _check_decode_flags(args) -> None:
-  _schedule_arg(args.schedule)
+def _check_job_flags(args) -> None:
   _check_seed(args.seed)
   if args.batch_size <= 0:
     raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
@@ -306,6 +338,19 @@ def _weights_arg(args):
   return params, config, checkpoint.identity(files)
 
 
+def _vae_arg(args):
+  """-> (VAE params, VAEConfig, identity of the weights by content) for --vae."""
+  import jaxconsdec as jcd
+  from jaxconsdec import checkpoint
+  if not os.path.exists(args.vae):
+    raise UsageError(f"--vae {args.vae}: no such file or folder. Pass a checkpoint folder made"
+                     " by `jaxconsdec convert` from a VAE, or the VAE's weight file itself")
+  loaded = jcd.load(args.vae, vae_config=_vae_config_arg(args.vae_config))
+  if loaded.vae_params is None:
+    raise UsageError(f"--vae {args.vae} holds no SD VAE ({loaded!r})")
+  return loaded.vae_params, loaded.vae_config, checkpoint.identity([args.vae])
+
+
 def _print_report(report, out_dir: str, what: str = "latents", done: str = "decoded") -> None:
   hidden = f", {report.hidden} hidden files or folders skipped" if report.hidden else ""
   redone = f" ({report.redone} found cut short were redone)" if report.redone else ""
@@ -385,33 +430,63 @@ def _parser() -> argparse.ArgumentParser:
                    help="architecture of a PyTorch weight file, as for convert (default: the"
                    " config.json beside a diffusers file, else released)")
   dec.add_argument("--embedding", help="time-embedding table for the raw safetensors layout")
-  dec.add_argument("--batch-size", type=int, default=8,
-                   help="global batch per step, rounded up to a multiple of the device count")
   dec.add_argument("--schedule", default="1.0,0.5", help="comma-separated values in [0, 1]")
-  dec.add_argument("--seed", type=int, default=0, help=f"base seed of the noise, 0 to {MAX_SEED}")
   dec.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW",
                    help="layout of the latents (and of --format npy outputs)")
   dec.add_argument("--scaled-latents", action="store_true",
                    help="inputs are pipeline latents (raw * 0.18215): divide before decoding")
   dec.add_argument("--format", choices=("png", "npy"), default="png",
                    help="png (uint8) or npy (float32 in [-1, 1])")
-  dec.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help="refuse latents whose image has more than N pixels, before compiling"
-                   " (default 4194304 = 2048x2048; 0 for no limit)")
-  dec.add_argument("--strict", action="store_true", help="stop at the first bad input")
-  dec.add_argument("--no-progress", action="store_true", help="no progress bar")
-  dec.add_argument("--compile-cache", metavar="DIR",
-                   help="persistent XLA compilation cache (default ~/.cache/jaxconsdec/xla)")
-  dec.add_argument("--no-compile-cache", action="store_true")
-  _add_verbose(dec)
-  dist = dec.add_argument_group("multi-host (one process per host, same command everywhere)")
+  _add_job_flags(dec, "latents whose image has")
+  dec.set_defaults(run=_decode)
+
+  enc = sub.add_parser(
+      "encode", help="encode PNG/JPEG images into latent files with the SD VAE's encoder, on"
+      " every device of every process; re-running resumes")
+  enc.add_argument("inputs", nargs="+", metavar="IMAGE",
+                   help="PNG or JPEG files, or folders of them")
+  enc.add_argument("-o", "--output", required=True, help="output folder")
+  enc.add_argument("--vae", required=True,
+                   help="checkpoint folder holding the VAE (or its encoder), or a VAE weight"
+                   " file (converted in memory)")
+  enc.add_argument("--vae-config", metavar="CONFIG",
+                   help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a"
+                   " JSON (default: the config.json beside a diffusers file, else sd)")
+  enc.add_argument("--sample", action="store_true",
+                   help="a sample of the posterior (seeded per image) instead of its mean")
+  enc.add_argument("--fit", choices=("refuse", "crop", "pad"), default="refuse",
+                   help="images whose sides do not divide by 8: refuse them (default), crop"
+                   " to the centered multiple of 8, or pad the bottom and right edges; never"
+                   " resized")
+  enc.add_argument("--format", choices=("npy", "safetensors"), default="npy",
+                   help="npy (default) or safetensors (tensor 'latent' with the sizes in its"
+                   " metadata); raw (C, h, w) float32 latents either way")
+  _add_job_flags(enc, "images with")
+  enc.set_defaults(run=_encode)
+  return parser
+
+
+def _add_job_flags(parser, too_large: str) -> None:
+  """The flags every file-to-file job takes."""
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="global batch per step, rounded up to a multiple of the device count")
+  parser.add_argument("--seed", type=int, default=0,
+                      help=f"base seed of the noise, 0 to {MAX_SEED}")
+  parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                      help=f"refuse {too_large} more than N pixels, before compiling"
+                      " (default 4194304 = 2048x2048; 0 for no limit)")
+  parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--compile-cache", metavar="DIR",
+                      help="persistent XLA compilation cache (default ~/.cache/jaxconsdec/xla)")
+  parser.add_argument("--no-compile-cache", action="store_true")
+  _add_verbose(parser)
+  dist = parser.add_argument_group("multi-host (one process per host, same command everywhere)")
   dist.add_argument("--distributed", action="store_true",
                     help="jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
   dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
   dist.add_argument("--num-processes", type=int)
   dist.add_argument("--process-id", type=int)
-  dec.set_defaults(run=_decode)
-  return parser
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:

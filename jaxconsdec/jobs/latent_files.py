@@ -36,6 +36,7 @@ import numpy as np
 from jaxconsdec import layout as layouts
 from jaxconsdec.convert import safetensors_file
 from jaxconsdec.files import TMP_PREFIX, open_regular, path_component_problem
+from jaxconsdec.jobs.inputs import Failure, Listing, drop_name_clashes, files, unreadable
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.sampler import UPSAMPLE, channels_message
 
@@ -66,22 +67,6 @@ class LatentItem:
     return out + (f"[{self.row}]" if self.row is not None else "")
 
 
-@dataclasses.dataclass(frozen=True)
-class Failure:
-  input: str
-  reason: str
-
-  def to_json(self) -> dict:
-    return {"input": self.input, "reason": self.reason}
-
-
-@dataclasses.dataclass
-class Listing:
-  items: list[LatentItem]     # every latent to decode, in a stable order
-  failures: list[Failure]     # every input (file, array) refused, with its reason
-  hidden: int = 0             # dot-files and dot-folders skipped while walking folders
-
-
 class DeclaredSizeError(ValueError):
   """A header declares more data than the file holds."""
 
@@ -109,12 +94,11 @@ def list_latents(inputs: Sequence[str], *, layout: str,
   """
   layouts.check_layout(layout)
   listing = Listing([], [])
-  excluded = {os.path.realpath(p) for p in exclude}
-  for path, name in _files(inputs, listing, excluded):
+  for path, name in files(inputs, EXTENSIONS, "a latent file", listing, exclude):
     try:
       arrays = read_headers(path)
     except Exception as e:  # any parse error of a user's file is that file's failure
-      listing.failures.append(Failure(path, _unreadable(path, e)))
+      listing.failures.append(Failure(path, unreadable(path, e, DeclaredSizeError)))
       continue
     if not arrays:
       listing.failures.append(Failure(path, "holds no arrays"))
@@ -139,53 +123,8 @@ def list_latents(inputs: Sequence[str], *, layout: str,
         width = len(str(header.shape[0] - 1))
         listing.items += [LatentItem(path, array, i, f"{stem}-{i:0{width}d}", hw)
                           for i in range(header.shape[0])]
-  listing.items = _drop_name_clashes(listing.items, listing.failures)
+  listing.items = drop_name_clashes(listing.items, listing.failures)
   return listing
-
-
-def _files(inputs: Sequence[str], listing: Listing, excluded: set[str]):
-  """(path, output stem) of every latent file, directories walked in sorted order."""
-  for given in inputs:
-    if os.path.isdir(given) and os.path.realpath(given) in excluded:
-      listing.failures.append(Failure(given, "this is the job's own output folder"))
-    elif os.path.isdir(given):
-      found = 0
-      for root, dirs, files in os.walk(given):
-        kept = []
-        for d in sorted(dirs):
-          if d.startswith("."):
-            listing.hidden += 1
-          elif os.path.realpath(os.path.join(root, d)) not in excluded:
-            kept.append(d)
-        dirs[:] = kept
-        for f in sorted(files):
-          if f.startswith("."):
-            listing.hidden += 1
-          elif f.endswith(EXTENSIONS):
-            path = os.path.join(root, f)
-            found += 1
-            yield path, os.path.splitext(os.path.relpath(path, given))[0]
-      if not found:
-        listing.failures.append(
-            Failure(given, f"directory holds no {', '.join(EXTENSIONS)} files"))
-    elif not os.path.exists(given):
-      listing.failures.append(Failure(given, "no such file or directory" + (
-          " (a symlink to a missing target)" if os.path.islink(given) else "")))
-    elif not given.endswith(EXTENSIONS):
-      listing.failures.append(
-          Failure(given, f"not a latent file: expected {', '.join(EXTENSIONS)}"))
-    else:
-      yield given, os.path.splitext(os.path.basename(given))[0]
-
-
-def _unreadable(path: str, error: Exception) -> str:
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror  # e.g. "a FIFO (named pipe), not a regular file", "Permission denied"
-  if os.path.isfile(path) and os.path.getsize(path) == 0:
-    return "empty file"
-  if isinstance(error, DeclaredSizeError):
-    return str(error)
-  return f"unreadable ({type(error).__name__}: {str(error)[:200]})"
 
 
 def read_headers(path: str) -> list[ArrayHeader]:
@@ -271,19 +210,6 @@ def _check_shape(header: ArrayHeader, layout: str, config: UNetConfig,
 
 def _hw(shape3, layout) -> tuple[int, int]:
   return (shape3[1], shape3[2]) if layout == "NCHW" else (shape3[0], shape3[1])
-
-
-def _drop_name_clashes(items: list[LatentItem], failures: list[Failure]) -> list[LatentItem]:
-  seen: dict[str, LatentItem] = {}
-  kept = []
-  for item in items:
-    if item.name in seen:
-      failures.append(Failure(item.where, f"its output name {item.name!r} is already taken by"
-                                          f" {seen[item.name].where}; rename one input"))
-    else:
-      seen[item.name] = item
-      kept.append(item)
-  return kept
 
 
 class LatentReader:
