@@ -216,6 +216,32 @@ def _encode(args: argparse.Namespace) -> int:
   return _run_job(args, job, "encoding", "images", "encoded")
 
 
+def _eval(args: argparse.Namespace) -> int:
+  _check_seed(args.seed)
+  if args.max_pixels < 0:
+    raise UsageError(f"--max-pixels must be positive (or 0 for no limit), got {args.max_pixels}")
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    raise UsageError(f"-o {args.output} exists and is not a folder")
+  schedules = [_schedule_arg(s) for s in args.schedules]
+  from jaxconsdec.jobs import evaluate
+
+  params, config, _ = _weights_arg(args)
+  # Without --vae, the decoder's checkpoint may carry one (a ConsistencyDecoderVAE's encoder).
+  vae = _load_vae(args.vae or args.weights, args.vae_config)
+  if "encoder" not in vae.vae_halves:
+    raise UsageError("the VAE given holds no encoder: eval encodes the images first")
+  result = evaluate.evaluate(args.inputs, args.output, params=params, config=config,
+                             vae_params=vae.vae_params, vae_config=vae.vae_config,
+                             vae_halves=vae.vae_halves,
+                             schedules=schedules, seed=args.seed, fit=args.fit,
+                             max_pixels=args.max_pixels or None)
+  print(evaluate.markdown(result), end="")
+  print(f"wrote {os.path.join(args.output, 'report.json')}, report.md and"
+        f" {len(result.rows)} grid(s) under {os.path.join(args.output, 'grids')}",
+        file=sys.stderr)
+  return EXIT_INPUTS_FAILED if result.failures else EXIT_OK
+
+
 def _start_job_runtime(args) -> None:
   """The distributed runtime and the compilation cache, before anything touches a JAX
   backend (the order matters)."""
@@ -340,15 +366,21 @@ def _weights_arg(args):
 
 def _vae_arg(args):
   """-> (VAE params, VAEConfig, identity of the weights by content) for --vae."""
-  import jaxconsdec as jcd
   from jaxconsdec import checkpoint
-  if not os.path.exists(args.vae):
-    raise UsageError(f"--vae {args.vae}: no such file or folder. Pass a checkpoint folder made"
-                     " by `jaxconsdec convert` from a VAE, or the VAE's weight file itself")
-  loaded = jcd.load(args.vae, vae_config=_vae_config_arg(args.vae_config))
-  if loaded.vae_params is None:
-    raise UsageError(f"--vae {args.vae} holds no SD VAE ({loaded!r})")
+  loaded = _load_vae(args.vae, args.vae_config)
   return loaded.vae_params, loaded.vae_config, checkpoint.identity([args.vae])
+
+
+def _load_vae(path: str, config_flag: Optional[str]):
+  """What --vae names, loaded; it must hold an SD VAE (or a half of one)."""
+  import jaxconsdec as jcd
+  if not os.path.exists(path):
+    raise UsageError(f"--vae {path}: no such file or folder. Pass a checkpoint folder made by"
+                     " `jaxconsdec convert` from a VAE, or the VAE's weight file itself")
+  loaded = jcd.load(path, vae_config=_vae_config_arg(config_flag))
+  if loaded.vae_params is None:
+    raise UsageError(f"--vae {path} holds no SD VAE ({loaded!r})")
+  return loaded
 
 
 def _print_report(report, out_dir: str, what: str = "latents", done: str = "decoded") -> None:
@@ -463,6 +495,30 @@ def _parser() -> argparse.ArgumentParser:
                    " metadata); raw (C, h, w) float32 latents either way")
   _add_job_flags(enc, "images with")
   enc.set_defaults(run=_encode)
+
+  ev = sub.add_parser(
+      "eval", help="encode images, decode them with the SD VAE's decoder and the Consistency"
+      " Decoder, and report PSNR, SSIM, time and side-by-side pictures")
+  ev.add_argument("inputs", nargs="+", metavar="IMAGE", help="PNG or JPEG files, or folders")
+  ev.add_argument("-o", "--output", required=True, help="report folder")
+  ev.add_argument("--weights", required=True,
+                  help="the Consistency Decoder: a checkpoint folder or a weight file")
+  ev.add_argument("--config", help="architecture of a decoder weight file, as for convert")
+  ev.add_argument("--embedding", help="time-embedding table for the raw safetensors layout")
+  ev.add_argument("--vae", help="the SD VAE: a checkpoint folder or a weight file (default:"
+                  " the VAE the --weights checkpoint holds, if any)")
+  ev.add_argument("--vae-config", metavar="CONFIG",
+                  help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a JSON")
+  ev.add_argument("--schedules", nargs="+", default=["1.0", "1.0,0.5"], metavar="SCHEDULE",
+                  help="Consistency Decoder schedules to compare (default: 1.0 and 1.0,0.5,"
+                  " i.e. 1 and 2 steps)")
+  ev.add_argument("--seed", type=int, default=0, help=f"base seed of the noise, 0 to {MAX_SEED}")
+  ev.add_argument("--fit", choices=("refuse", "crop", "pad"), default="refuse",
+                  help="images whose sides do not divide by 8, as for encode")
+  ev.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                  help="refuse images with more than N pixels (default 2048x2048; 0: no limit)")
+  _add_verbose(ev)
+  ev.set_defaults(run=_eval, random_weights=None)
   return parser
 
 

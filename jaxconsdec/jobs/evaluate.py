@@ -1,0 +1,193 @@
+"""`jaxconsdec eval`: how well the SD VAE's own (GAN) decoder and the Consistency Decoder
+reconstruct a set of images, side by side, as OpenAI's README shows them.
+
+Each image is encoded (the posterior mean), decoded by the VAE's decoder (when the VAE holds
+one) and by the Consistency Decoder at each schedule asked for, and compared with the image
+the VAE saw: PSNR and SSIM (`metrics`, scikit-image's definitions) on 8-bit pixels, and the
+time of each decode (compiled ahead, so compile time is not counted). The report folder gets
+`report.json`, `report.md` (a table per image and the means) and `grids/NAME.png`: original |
+SD decoder | Consistency Decoder at each schedule.
+
+One process, the default device; images one at a time (a report, not a pod job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jaxconsdec.autoencoder import encode, vae_decode
+from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.files import make_dirs_inside, write_atomic
+from jaxconsdec.images import encode_png, to_uint8
+from jaxconsdec.jobs.engine import example_keys_for
+from jaxconsdec.jobs.image_files import list_images, read_pixels
+from jaxconsdec.jobs.inputs import Failure
+from jaxconsdec.jobs.latent_files import DEFAULT_MAX_PIXELS
+from jaxconsdec.metrics import psnr, ssim
+from jaxconsdec.sampler import decode
+from jaxconsdec.xla_options import compiler_options
+
+SD_DECODER = "SD VAE decoder"
+
+
+def decoder_name(schedule: Sequence[float]) -> str:
+  steps = len(schedule)
+  return f"Consistency Decoder, {steps} step{'s' if steps > 1 else ''}"
+
+
+@dataclasses.dataclass
+class Evaluation:
+  decoders: list[str]
+  rows: list[dict]            # per image: image, size, psnr, ssim, seconds (per decoder)
+  failures: list              # inputs.Failure
+  means: dict                 # psnr, ssim, seconds: per decoder
+
+
+def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig, vae_params,
+             vae_config: VAEConfig, vae_halves: Sequence[str],
+             schedules: Sequence[Sequence[float]] = ((1.0,), (1.0, 0.5)), seed: int = 0,
+             fit: str = "refuse", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+             progress: bool = True) -> Evaluation:
+  """Evaluates every image of `images` and writes the report into `out_dir` (a line per
+  image on stderr with `progress`)."""
+  listing = list_images(images, multiple=vae_config.downsample_factor, fit=fit,
+                        max_pixels=max_pixels, exclude=[out_dir])
+  decoders = ([SD_DECODER] if "decoder" in vae_halves else []) + [
+      decoder_name(s) for s in schedules]
+  programs = _Programs(params, config, vae_params, vae_config, vae_halves, schedules)
+  os.makedirs(out_dir, exist_ok=True)
+  rows, failures = [], list(listing.failures)
+  for n, item in enumerate(listing.items, 1):
+    try:
+      pixels = read_pixels(item)
+    except Exception as e:  # changed or broken since it was listed
+      failures.append(Failure(item.where, f"unreadable ({type(e).__name__}: {e})"))
+      continue
+    key = example_keys_for([item.name], seed)
+    outputs, seconds = programs.run(pixels, key)
+    region = _compared_region(item)
+    original = pixels[region]
+    row = {"image": item.path, "name": item.name, "size": list(item.hw),
+           "original_size": list(item.original), "fit": item.fit, "psnr": {}, "ssim": {},
+           "seconds": seconds}
+    for name, image in outputs.items():
+      row["psnr"][name] = float(psnr(original, image[region]))
+      row["ssim"][name] = float(ssim(original, image[region]))
+    grid = os.path.join(make_dirs_inside(out_dir, os.path.join("grids",
+                                                               os.path.dirname(item.name))),
+                        os.path.basename(item.name) + ".png")
+    write_atomic(grid, encode_png(side_by_side(pixels, outputs)))
+    row["grid"] = os.path.relpath(grid, out_dir)
+    rows.append(row)
+    if progress:
+      print(f"[{n}/{len(listing.items)}] {item.path}: " + ", ".join(
+          f"{k} {row['psnr'][k]:.2f} dB" for k in decoders), file=sys.stderr)
+  means = {metric: {d: statistics.fmean(r[metric][d] for r in rows) for d in decoders}
+           for metric in ("psnr", "ssim", "seconds")} if rows else {}
+  evaluation = Evaluation(decoders, rows, failures, means)
+  _write_report(out_dir, evaluation, dict(schedules=[list(s) for s in schedules], seed=seed,
+                                          fit=fit, vae_halves=list(vae_halves)))
+  return evaluation
+
+
+class _Programs:
+  """Each decoder as a program compiled once per image size, so its time excludes compiling."""
+
+  def __init__(self, params, config, vae_params, vae_config, vae_halves, schedules):
+    self.params, self.config, self.schedules = params, config, schedules
+    self.vae_params, self.vae_config, self.vae_halves = vae_params, vae_config, vae_halves
+    self._compiled = {}
+
+  def _compile(self, name, fn, *args):
+    key = (name,) + tuple(a.shape for a in args if hasattr(a, "shape"))
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(fn, compiler_options=compiler_options()).lower(
+          *args).compile()
+    return self._compiled[key]
+
+  def run(self, pixels: np.ndarray, key) -> tuple[dict, dict]:
+    """-> ({decoder: (H, W, 3) uint8}, {decoder: seconds})."""
+    vae_cfg, cfg = self.vae_config, self.config
+    batch = pixels[None]
+    encoder = self._compile("encode", lambda p, x: encode(p, x, config=vae_cfg, layout="NHWC"),
+                            self.vae_params, batch)
+    latents = encoder(self.vae_params, batch)
+    outputs, seconds = {}, {}
+    if "decoder" in self.vae_halves:
+      fn = self._compile(SD_DECODER, lambda p, z: vae_decode(p, z, config=vae_cfg,
+                                                             layout="NHWC"),
+                         self.vae_params, latents)
+      outputs[SD_DECODER], seconds[SD_DECODER] = _timed(fn, self.vae_params, latents)
+    for schedule in self.schedules:
+      name = decoder_name(schedule)
+      fn = self._compile(name, lambda p, z, k, s=tuple(schedule): decode(
+          p, z, k, config=cfg, schedule=s, layout="NHWC"), self.params, latents, key)
+      outputs[name], seconds[name] = _timed(fn, self.params, latents, key)
+    return outputs, seconds
+
+
+def _timed(compiled, *args) -> tuple[np.ndarray, float]:
+  start = time.perf_counter()
+  images = compiled(*args).block_until_ready()
+  seconds = time.perf_counter() - start
+  return np.asarray(to_uint8(images))[0], seconds
+
+
+def _compared_region(item) -> tuple[slice, slice]:
+  """The pixels that are the image's own: all of a cropped image, the original part of a
+  padded one."""
+  if item.fit == "pad":
+    return slice(0, item.original[0]), slice(0, item.original[1])
+  return slice(None), slice(None)
+
+
+def side_by_side(original: np.ndarray, outputs: dict, gap: int = 8,
+                 header: int = 18) -> np.ndarray:
+  """original | each output, with their names above them: (H + header, n W + gaps, 3)."""
+  panels = [("original", original)] + list(outputs.items())
+  h, w, _ = original.shape
+  canvas = Image.new("RGB", (len(panels) * w + (len(panels) - 1) * gap, h + header), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (name, image) in enumerate(panels):
+    x = i * (w + gap)
+    canvas.paste(Image.fromarray(image), (x, header))
+    draw.text((x + 2, 3), name.replace("Consistency Decoder", "CD"), fill="black")
+  return np.asarray(canvas)
+
+
+def _write_report(out_dir: str, evaluation: Evaluation, settings: dict) -> None:
+  report = {"settings": settings, "decoders": evaluation.decoders, "images": evaluation.rows,
+            "mean": evaluation.means, "failures": [f.to_json() for f in evaluation.failures]}
+  write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2).encode())
+  write_atomic(os.path.join(out_dir, "report.md"), markdown(evaluation).encode())
+
+
+def markdown(evaluation: Evaluation) -> str:
+  """The report as a markdown table: PSNR (dB) / SSIM per image and decoder, and the means."""
+  d = evaluation.decoders
+  lines = ["| image | " + " | ".join(f"{name}: PSNR dB / SSIM" for name in d) + " |",
+           "|---|" + "---|" * len(d)]
+  for row in evaluation.rows:
+    lines.append(f"| {row['name']} | " + " | ".join(
+        f"{row['psnr'][n]:.2f} / {row['ssim'][n]:.4f}" for n in d) + " |")
+  if evaluation.rows:
+    m = evaluation.means
+    lines.append("| **mean** | " + " | ".join(
+        f"**{m['psnr'][n]:.2f} / {m['ssim'][n]:.4f}**" for n in d) + " |")
+    lines += ["", "| decoder | seconds per image (compiled, median of images) |", "|---|---|"]
+    lines += [f"| {n} | {statistics.median(r['seconds'][n] for r in evaluation.rows):.3f} |"
+              for n in d]
+  if evaluation.failures:
+    lines += ["", f"{len(evaluation.failures)} image(s) not evaluated:"]
+    lines += [f"- {f.input}: {f.reason}" for f in evaluation.failures]
+  return "\n".join(lines) + "\n"
