@@ -125,3 +125,12 @@ def test_bad_inputs_to_encode_and_vae_decode(call, error, message):
   params = jcd.random_params(TINY_VAE, 0)
   with pytest.raises(error, match=message):
     call(params)
+
+
+def test_attention_in_query_chunks_is_the_same_attention(monkeypatch):
+  """Past ATTENTION_CHUNK positions the mid block's attention runs a chunk of queries at a
+  time (large images); with a chunk of 24 over 5 x 7 = 35 positions (a padded last chunk) the
+  VAE still matches diffusers."""
+  from jaxconsdec.models import vae as vae_module
+  monkeypatch.setattr(vae_module, "ATTENTION_CHUNK", 24)
+  check_vae(TINY_VAE, seed=83, h=40, w=56, batch=1)

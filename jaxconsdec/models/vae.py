@@ -63,12 +63,14 @@ def _attention(q, k, v, precision) -> jax.Array:
     return jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v, precision=precision,
                       preferred_element_type=jnp.float32)
 
-  n = q.shape[1]
-  if n <= ATTENTION_CHUNK or n % ATTENTION_CHUNK:
+  b, n, c = q.shape
+  if n <= ATTENTION_CHUNK:
     return rows(q)
-  chunks = q.reshape(q.shape[0], n // ATTENTION_CHUNK, ATTENTION_CHUNK, q.shape[-1])
-  out = jax.lax.map(rows, jnp.moveaxis(chunks, 1, 0))      # one chunk of queries at a time
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n, v.shape[-1])
+  count = -(-n // ATTENTION_CHUNK)
+  padded = jnp.pad(q, ((0, 0), (0, count * ATTENTION_CHUNK - n), (0, 0)))  # extra rows: dropped
+  chunks = jnp.moveaxis(padded.reshape(b, count, ATTENTION_CHUNK, c), 1, 0)
+  out = jax.lax.map(rows, chunks)                        # one chunk of queries at a time
+  return jnp.moveaxis(out, 0, 1).reshape(b, count * ATTENTION_CHUNK, v.shape[-1])[:, :n]
 
 
 class Downsample(nn.Module):
