@@ -19,7 +19,8 @@ import json
 import os
 from typing import Any, Optional
 
-from jaxconsdec.config import CONSISTENCY_DECODER, SD_VAE, UNetConfig, VAEConfig
+from jaxconsdec.config import (CONSISTENCY_DECODER, NON_ARCHITECTURE_FIELDS, SD_VAE, UNetConfig,
+                               VAEConfig)
 from jaxconsdec.convert.errors import WeightFileError
 from jaxconsdec.files import read_json_object
 
@@ -50,7 +51,7 @@ _FIELDS = ("block_out_channels", "layers_per_block", "norm_num_groups", "norm_ep
            "in_channels", "out_channels", "num_train_timesteps")
 # What makes two configs the same model: everything but the numerics of running it.
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(UNetConfig)
-                     if f.name not in ("dtype", "param_dtype", "precision"))
+                     if f.name not in NON_ARCHITECTURE_FIELDS)
 
 
 def is_diffusers_config(value: dict) -> bool:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.config import NON_ARCHITECTURE_FIELDS, UNetConfig, VAEConfig
 from jaxconsdec.files import fsync_dir, fsync_tree, make_temp_dir, read_json_object
 from jaxconsdec.models.vae import HALVES
 from jaxconsdec.weights import check_params, param_count, params_from_torch
@@ -351,8 +351,7 @@ def _check_same_architecture(stored, given, where: str):
   """A config given for a checkpoint must be the stored one, numerics aside."""
   if given is None:
     return
-  names = [f.name for f in dataclasses.fields(stored)
-           if f.name not in ("dtype", "param_dtype", "precision")]
+  names = [f.name for f in dataclasses.fields(stored) if f.name not in NON_ARCHITECTURE_FIELDS]
   diffs = [f"{name}: {getattr(stored, name)!r} stored, {getattr(given, name)!r} given"
            for name in names if getattr(stored, name) != getattr(given, name)]
   if diffs:

@@ -32,6 +32,11 @@ SD_LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
 SD_LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
 
 
+# Fields that say how a model runs, not what it computes when decoding: two configs that
+# differ only in these are the same model (a checkpoint loads under either).
+NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "precision", "dropout")
+
+
 class _Config:
   """What UNetConfig and VAEConfig share: numerics and JSON. Subclasses are frozen
   dataclasses with `dtype`, `param_dtype` and `precision` fields."""
@@ -110,6 +115,9 @@ class UNetConfig(_Config):
       conditions on `((raw - shift_factor) * scaling_factor - mean) / std`.
     in_channels: the UNet's input channels, 3 + latent_channels (derived; a value given
       must agree).
+    dropout: dropout rate inside every ResBlock, before its second convolution (diffusers'
+      `UNet2DModel(dropout=...)`); used only in training, when a dropout rng is given. The
+      released model has none.
     dtype: compute dtype of the convolutions ("float32", "bfloat16" or "float16"). What stays
       float32 regardless is decided in `jaxconsdec.precision`.
     param_dtype: dtype of freshly initialised parameters (loaded params keep their own).
@@ -131,6 +139,7 @@ class UNetConfig(_Config):
   latent_mean: tuple[float, ...] = SD_LATENT_MEAN
   latent_std: tuple[float, ...] = SD_LATENT_STD
   in_channels: Optional[int] = None
+  dropout: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
   precision: Optional[str] = None
@@ -142,6 +151,9 @@ class UNetConfig(_Config):
     fix("latent_std", tuple(float(v) for v in self.latent_std))
     fix("scaling_factor", float(self.scaling_factor))
     fix("shift_factor", float(self.shift_factor))
+    fix("dropout", float(self.dropout))
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
     self._check_levels()
     self._check_numerics()
     if self.latent_channels < 1:

@@ -134,7 +134,12 @@ class ResnetBlock(nn.Module):
       temb = dense(2 * self.out_channels, "time_emb_proj", cfg)(nn.silu(temb))
       scale, shift = jnp.split(temb[:, None, None, :], 2, axis=-1)  # scale first, as torch.chunk
       h = h * (1 + scale) + shift
-    h = conv(self.out_channels, 3, "conv2", cfg)(nn.silu(h))
+    h = nn.silu(h)
+    rate = getattr(cfg, "dropout", 0.0)  # the UNet's training dropout (diffusers' place)
+    if rate:
+      # Active only when the caller hands in a "dropout" rng (training); decoding never does.
+      h = nn.Dropout(rate, deterministic=not self.has_rng("dropout"))(h)
+    h = conv(self.out_channels, 3, "conv2", cfg)(h)
 
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 1, "conv_shortcut", cfg)(x)
