@@ -169,7 +169,7 @@ def _vae_config_arg(value: Optional[str]):
   return diffusers_config.read_vae_config(value)
 
 
-def _ctrl_c_requests_stop(message: str) -> threading.Event:
+def _ctrl_c_requests_stop(message: str, also: tuple = ()) -> threading.Event:
   """From now on Ctrl-C sets the returned Event instead of raising wherever it lands (in
   the middle of a library's threads), so the work stops at a clean point. `main` puts the
   usual handling back when the command returns."""
@@ -180,7 +180,8 @@ def _ctrl_c_requests_stop(message: str) -> threading.Event:
       print(message, file=sys.stderr)
     stop.set()
   if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGINT, handler)
+    for signum in (signal.SIGINT, *also):  # also: SIGTERM, a pre-emption's notice
+      signal.signal(signum, handler)
   return stop
 
 
@@ -240,6 +241,87 @@ def _eval(args: argparse.Namespace) -> int:
         f" {len(result.rows)} grid(s) under {os.path.join(args.output, 'grids')}",
         file=sys.stderr)
   return EXIT_INPUTS_FAILED if result.failures else EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+  _check_job_flags(args)
+  if args.init and args.config:
+    raise UsageError("give --init (fine-tune those weights) or --config (train a new decoder"
+                     " of that architecture from scratch), not both")
+  if not args.init and not args.config:
+    raise UsageError("nothing to train: pass --init CKPT to fine-tune a decoder (the converted"
+                     " released one, say), or --config released|tiny|FILE to train one from"
+                     " scratch")
+  if bool(args.vae) == bool(args.random_vae):
+    raise UsageError("pass the frozen VAE as --vae CKPT (one with an encoder), or --random-vae"
+                     " tiny for a randomly initialised small one (tests and demos)")
+  _start_job_runtime(args)
+  import jax
+  import jaxconsdec as jcd
+  from jaxconsdec import checkpoint
+  from jaxconsdec.training import loop, pairs, step
+
+  scratch = args.config is not None
+  curriculum = (tuple(int(d) for d in args.curriculum.split(",")) if args.curriculum else
+                pairs.SCRATCH_CURRICULUM if scratch else pairs.FINE_TUNE_CURRICULUM)
+  try:
+    optimization = step.Optimization(
+        lr=args.lr or (1e-4 if scratch else 1e-5), warmup_steps=args.warmup, b1=args.adam_b1,
+        b2=args.adam_b2, eps=args.adam_eps, clip_norm=args.clip_norm, ema_decay=args.ema_decay)
+    settings = loop.RunSettings(
+        steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,
+        seed=args.seed, curriculum=curriculum, optimization=optimization,
+        compute_dtype="bfloat16" if args.bf16 else "float32", remat=args.remat,
+        flip=not args.no_flip, save_every=args.save_every, keep=args.keep,
+        eval_every=args.eval_every, log_every=args.log_every,
+        max_pixels=args.max_pixels or 1 << 62)
+  except ValueError as e:
+    raise UsageError(str(e))
+
+  def load_models():
+    if scratch:
+      config = _config_arg(args.config).replace(dropout=args.dropout)
+      params, init = jcd.random_params(config, seed=args.seed), f"random-init:{args.config}"
+    else:
+      if args.dropout:
+        raise UsageError("--dropout is for training from scratch; a fine-tuned decoder keeps"
+                         " its architecture")
+      params, config, init = _weights_arg(argparse.Namespace(
+          random_weights=None, weights=args.init, config=None, embedding=None))
+    if args.random_vae:
+      vae_config = _vae_config_arg(args.random_vae)
+      print(f"WARNING: --random-vae: the {args.random_vae} VAE encoder is RANDOMLY"
+            " INITIALISED; the decoder learns to decode its latents, not a real VAE's.",
+            file=sys.stderr)
+      return (params, config, init, jcd.random_params(vae_config, 0), vae_config,
+              f"random-init:{args.random_vae}")
+    loaded = _load_vae(args.vae, args.vae_config)
+    if "encoder" not in loaded.vae_halves:
+      raise UsageError(f"--vae {args.vae} holds no encoder: training encodes the images")
+    return (params, config, init, loaded.vae_params, loaded.vae_config,
+            checkpoint.identity([args.vae]))
+
+  params, config, init, vae_params, vae_config, vae_identity = _agreed(load_models)
+  stop = _ctrl_c_requests_stop("stopping after this step; saving a checkpoint (Ctrl-C or"
+                               " SIGTERM)", also=(signal.SIGTERM,))
+  report = loop.train(args.inputs, args.output, settings, params=params, config=config,
+                      vae_params=vae_params, vae_config=vae_config, from_scratch=scratch,
+                      identities={"init": init, "vae": vae_identity},
+                      eval_inputs=args.eval_images or (), progress=not args.no_progress,
+                      stop=stop, strict=args.strict)
+  if jax.process_index() == 0:
+    for failure in report.failures[:20]:
+      print(f"  LEFT OUT {failure.input}: {failure.reason}", file=sys.stderr)
+    if report.stopped:
+      print(f"stopped at step {report.steps_done} of {args.steps}, checkpoint saved: run the"
+            " same command to resume", file=sys.stderr)
+    else:
+      print(f"trained {report.steps_done} steps ({report.steps_done - report.resumed_from}"
+            f" now); the EMA model is in {report.model_dir}"
+            f" (jaxconsdec decode --weights {args.output})", file=sys.stderr)
+  if report.stopped:
+    return EXIT_INTERRUPTED
+  return EXIT_INPUTS_FAILED if report.failures else EXIT_OK
 
 
 def _start_job_runtime(args) -> None:
@@ -519,6 +601,54 @@ def _parser() -> argparse.ArgumentParser:
                   help="refuse images with more than N pixels (default 2048x2048; 0: no limit)")
   _add_verbose(ev)
   ev.set_defaults(run=_eval, random_weights=None)
+
+  tr = sub.add_parser(
+      "train", help="consistency-train a decoder on images: fine-tune one (--init) or train"
+      " one for a VAE's latents from scratch (--config)")
+  tr.add_argument("inputs", nargs="+", metavar="IMAGE", help="PNG or JPEG files, or folders")
+  tr.add_argument("--out", dest="output", required=True, metavar="RUN_DIR",
+                  help="the run folder (the same command on it again resumes the run)")
+  tr.add_argument("--steps", type=int, required=True, help="optimiser steps in all")
+  tr.add_argument("--resolution", type=int, default=256,
+                  help="side of the random square crops (a multiple of 8; default 256)")
+  tr.add_argument("--init", metavar="CKPT", help="fine-tune these decoder weights")
+  tr.add_argument("--config", metavar="released|tiny|FILE",
+                  help="train a new decoder of this architecture from scratch")
+  tr.add_argument("--vae", metavar="CKPT", help="the frozen VAE whose latents are decoded")
+  tr.add_argument("--vae-config", metavar="CONFIG",
+                  help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a JSON")
+  tr.add_argument("--random-vae", choices=VAE_PRESETS,
+                  help="a randomly initialised VAE of this size instead (tests and demos)")
+  tr.add_argument("--eval-images", nargs="+", metavar="IMAGE",
+                  help="held-out images for the PSNR and sample grids (default: the first"
+                  " training images)")
+  opt = tr.add_argument_group("optimisation (defaults: TRAINING.md's proposal)")
+  opt.add_argument("--lr", type=float, help="Adam learning rate (default 1e-5 with --init,"
+                   " 1e-4 from scratch)")
+  opt.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
+  opt.add_argument("--adam-b1", type=float, default=0.9)
+  opt.add_argument("--adam-b2", type=float, default=0.99)
+  opt.add_argument("--adam-eps", type=float, default=1e-8)
+  opt.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+  opt.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA of the exported weights (warmed up as min(d, (1+n)/(10+n)))")
+  opt.add_argument("--curriculum", metavar="DELTAS",
+                   help="grid spacings in table steps, in equal shares of the run (default 16"
+                   " with --init; 64,32,16,8,4 from scratch)")
+  opt.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (from scratch)")
+  opt.add_argument("--bf16", action="store_true",
+                   help="bfloat16 compute, float32 master weights and loss")
+  opt.add_argument("--remat", action="store_true",
+                   help="recompute ResBlock activations in the backward pass (less memory)")
+  opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+  out = tr.add_argument_group("checkpoints and metrics")
+  out.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+  out.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+  out.add_argument("--eval-every", type=int, default=500,
+                   help="held-out PSNR and sample grid every N steps")
+  out.add_argument("--log-every", type=int, default=10, help="a metrics line every N steps")
+  _add_job_flags(tr, "images with")
+  tr.set_defaults(run=_train)
   return parser
 
 
@@ -551,8 +681,9 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
   from jaxconsdec.checkpoint import CheckpointError
   from jaxconsdec.convert import WeightFileError
   from jaxconsdec.weights import ParamsMismatchError
+  from jaxconsdec.training.loop import TrainingSetupError
   return (UsageError, WeightFileError, CheckpointError, ParamsMismatchError, JobMismatchError,
-          ProcessesDisagreeError)
+          ProcessesDisagreeError, TrainingSetupError)
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -69,8 +69,30 @@ def pair_probabilities(delta: int) -> np.ndarray:
 def draw_pairs(keys: jax.Array, delta: int) -> tuple[jax.Array, jax.Array]:
   """One pair per key: (t_lo, t_hi), each int32 of shape keys.shape. t_lo is -1 (the virtual
   level) for a boundary pair. Example i's pair depends on its key alone."""
-  levels = jnp.asarray(grid(delta))
-  logits = jnp.asarray(np.log(pair_probabilities(delta)), jnp.float32)
+  return draw_from_table(keys, *pair_table(delta))
+
+
+def pair_table(delta: int, pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """G_delta's levels (int32) and the log-probabilities of its pairs (float32), padded to
+  `pairs` pairs (impossible ones, log p = -inf): every grid of a curriculum then has arrays of
+  one shape, and one compiled training step serves them all."""
+  levels, law = grid(delta), pair_probabilities(delta)
+  pairs = len(law) if pairs is None else pairs
+  if pairs < len(law):
+    raise ValueError(f"G_{delta} has {len(law)} pairs, more than {pairs}")
+  with np.errstate(divide="ignore"):
+    logits = np.log(np.pad(law, (0, pairs - len(law))))
+  return (np.pad(levels, (0, pairs - len(law)), constant_values=levels[-1]),
+          logits.astype(np.float32))
+
+
+def pair_count(delta: int) -> int:
+  return len(grid(delta)) - 1
+
+
+def draw_from_table(keys: jax.Array, levels, logits) -> tuple[jax.Array, jax.Array]:
+  """`draw_pairs` with the grid given as `pair_table`'s arrays (traceable)."""
+  levels, logits = jnp.asarray(levels), jnp.asarray(logits)
   index = jax.vmap(lambda k: jax.random.categorical(k, logits))(keys.reshape(-1))
   return (levels[index].reshape(keys.shape), levels[index + 1].reshape(keys.shape))
 

@@ -1,0 +1,88 @@
+"""Training images: which files, and the crop each example of each step sees.
+
+The loader is a pure function of (seed, global example index), not an iterator with hidden
+state: example g of the run is file `permutation(seed, epoch)[g % N]` of the N usable images
+(epoch = g // N), cropped at an offset and flipped as `numpy.random.default_rng((seed, g))`
+says. So its checkpointable state is one integer (the next example index, i.e. step x batch
+size); a resumed run, or one on another number of devices or hosts, sees exactly the same
+crops; and each process reads only the rows of the global batch it feeds. (grain's
+`MapDataset` offers the same index-based design; for file lists of this size it would add a
+dependency and worker threads without doing more.)
+
+Images are PNG/JPEG files or folders of them, as for `jaxconsdec encode`; one smaller than
+the crop on either side, or unreadable, is a listed failure and the run goes on without it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+
+from jaxconsdec.jobs.image_files import ImageItem, list_images, read_pixels
+from jaxconsdec.jobs.inputs import Failure, Listing
+
+SEED_STREAM_ORDER, SEED_STREAM_CROP = 0, 1  # numpy seed streams: file order, crop and flip
+
+
+def list_training_images(inputs: Sequence[str], resolution: int,
+                         max_pixels: int) -> Listing:
+  """Usable images (at least `resolution` on both sides) and failures, in a stable order."""
+  listing = list_images(inputs, multiple=1, fit="refuse", max_pixels=max_pixels)
+  usable = []
+  for item in listing.items:
+    if min(item.original) < resolution:
+      h, w = item.original
+      listing.failures.append(Failure(item.path, f"{h}x{w} is smaller than the {resolution}x"
+                                                 f"{resolution} training crops (--resolution)"))
+    else:
+      usable.append(item)
+  listing.items = usable
+  return listing
+
+
+class TrainingCrops:
+  """The crops of a run: `rows(first, count)` -> (count, R, R, 3) uint8."""
+
+  def __init__(self, items: Sequence[ImageItem], resolution: int, seed: int, flip: bool = True,
+               cache_images: int = 256):
+    if not items:
+      raise ValueError("no usable training images")
+    self.items = list(items)
+    self.resolution = resolution
+    self.seed = seed
+    self.flip = flip
+    self._pixels = functools.lru_cache(maxsize=cache_images)(self._read)
+
+  def _read(self, index: int) -> np.ndarray:
+    return read_pixels(self.items[index])
+
+  @functools.lru_cache(maxsize=4)
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng((self.seed, SEED_STREAM_ORDER, epoch)).permutation(len(self.items))
+
+  def source(self, example: int) -> int:
+    """Which image example `example` of the run is cropped from."""
+    n = len(self.items)
+    return int(self._order(example // n)[example % n])
+
+  def crop(self, example: int) -> np.ndarray:
+    pixels = self._pixels(self.source(example))
+    rng = np.random.default_rng((self.seed, SEED_STREAM_CROP, example))
+    r = self.resolution
+    top = int(rng.integers(0, pixels.shape[0] - r + 1))
+    left = int(rng.integers(0, pixels.shape[1] - r + 1))
+    out = pixels[top:top + r, left:left + r]
+    if self.flip and rng.random() < 0.5:
+      out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+  def rows(self, first: int, count: int) -> np.ndarray:
+    return np.stack([self.crop(first + i) for i in range(count)])
+
+
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+  """The centered size x size square of (H, W, 3) pixels (H, W >= size)."""
+  top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+  return pixels[top:top + size, left:left + size]

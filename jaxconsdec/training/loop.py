@@ -1,0 +1,374 @@
+"""`jaxconsdec train`: the training run, from image files to an exported decoder.
+
+A run folder holds:
+  run.json          what the run is (settings, inputs, init and VAE identities, config);
+                    a second command on the folder must match it, and then resumes
+  checkpoints/      Orbax CheckpointManager: state (params, Adam, EMA, step) and the data
+                    position, every `save_every` steps and at exit, the last `keep` kept
+  metrics.jsonl     one line per `log_every` steps (loss, grad norm, lr, examples/s) and per
+                    evaluation (held-out PSNR of 1- and 2-step decodes); TensorBoard events
+                    of the same in tensorboard/
+  samples/          original | 1 step | 2 steps grids of the held-out crops at each evaluation
+  model/            the exported EMA params with their config (and the VAE encoder), a
+                    jaxconsdec checkpoint: `jaxconsdec.load(RUN_DIR)` and
+                    `jaxconsdec decode --weights RUN_DIR` read it
+  failures.json     images left out, with why
+
+Killed at any moment, the same command resumes from the last complete checkpoint and ends
+bit for bit where an uninterrupted run ends (CPU): the state is saved whole, and the data
+and every random draw are functions of the seed and the example index (`data`, `step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from jaxconsdec import checkpoint, multihost
+from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.files import make_dirs_inside, write_atomic
+from jaxconsdec.images import encode_png, to_uint8
+from jaxconsdec.jobs.evaluate import side_by_side
+from jaxconsdec.jobs.inputs import Failure
+from jaxconsdec.metrics import psnr
+from jaxconsdec.sampler import decode
+from jaxconsdec.training import data, latent_stats
+from jaxconsdec.training.pairs import FINE_TUNE_CURRICULUM, check_delta, curriculum_delta
+from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, METRICS, MODEL, RUN, SAMPLES,
+                                           TENSORBOARD)
+from jaxconsdec.training.step import (Optimization, TrainStep, encode_mean, init_state,
+                                      local_copy)
+
+EVAL_SCHEDULES = {"1 step": (1.0,), "2 steps": (1.0, 0.5)}
+
+
+class TrainingSetupError(ValueError):
+  """The run cannot start as asked (no usable images, mismatched VAE, another run's folder)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """How a run trains (every field is a `jaxconsdec train` flag)."""
+  steps: int
+  batch_size: int = 8
+  resolution: int = 256
+  seed: int = 0
+  curriculum: tuple[int, ...] = FINE_TUNE_CURRICULUM
+  optimization: Optimization = Optimization()
+  compute_dtype: str = "float32"
+  remat: bool = False
+  flip: bool = True
+  save_every: int = 500
+  keep: int = 3
+  eval_every: int = 500
+  log_every: int = 10
+  max_pixels: int = 4096 * 4096
+
+  def __post_init__(self):
+    object.__setattr__(self, "curriculum", tuple(check_delta(d) for d in self.curriculum))
+    for name in ("steps", "batch_size", "save_every", "keep", "eval_every", "log_every"):
+      if getattr(self, name) < 1:
+        raise TrainingSetupError(f"{name} must be at least 1, got {getattr(self, name)}")
+    if self.resolution < 8 or self.resolution % 8:
+      raise TrainingSetupError(f"the crop size must be a positive multiple of 8, got"
+                               f" {self.resolution}")
+    if not self.curriculum:
+      raise TrainingSetupError("the curriculum needs at least one grid spacing")
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclasses.dataclass
+class RunReport:
+  steps_done: int
+  resumed_from: int
+  failures: list
+  model_dir: str
+  stopped: bool = False
+  last_eval: Optional[dict] = None
+
+
+def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
+          config: UNetConfig, vae_params, vae_config: VAEConfig, vae_halves=("encoder",),
+          from_scratch: bool, identities: dict, eval_inputs: Sequence[str] = (),
+          progress: bool = True, stop: Optional[threading.Event] = None, strict: bool = False,
+          log=sys.stderr) -> RunReport:
+  """Trains (or resumes) the run in `run_dir`; see the module docstring.
+
+  params/config: the decoder to start from (`from_scratch`: its latent statistics are
+  measured over the images). vae_params: the frozen VAE (its encoder half is used).
+  identities: what names the init weights and the VAE by content (recorded in run.json).
+  stop: set it to stop at the next step boundary (saving a checkpoint first).
+  strict: refuse to start if any image is unusable (else they are left out and listed).
+  """
+  lead = jax.process_index() == 0
+  run_dir = os.path.abspath(run_dir)
+  listing = data.list_training_images(inputs, settings.resolution, settings.max_pixels)
+  _check_same_everywhere([(i.path, i.original) for i in listing.items], "training images")
+  if strict and listing.failures:
+    f = listing.failures[0]
+    raise TrainingSetupError(f"{f.input}: {f.reason} (--strict; {len(listing.failures)}"
+                             " unusable in all)")
+  if not listing.items:
+    reasons = "; ".join(f"{f.input}: {f.reason}" for f in listing.failures[:5])
+    raise TrainingSetupError("no usable training images" + (f" ({reasons})" if reasons else
+                             f" under {', '.join(inputs)}"))
+  if vae_config.latent_channels != config.latent_channels and not from_scratch:
+    raise TrainingSetupError(
+        f"the VAE's latents have {vae_config.latent_channels} channels and the decoder takes"
+        f" {config.latent_channels}: fine-tune a decoder of the VAE's latent space, or train"
+        " one from scratch with --config")
+  eval_items = _eval_items(eval_inputs, listing, settings)
+
+  identity = {"settings": settings.to_json(), "from_scratch": from_scratch,
+              "inputs": [[i.path, list(i.original)] for i in listing.items],
+              "eval_inputs": [i.path for i in eval_items], **identities}
+  run_file = os.path.join(run_dir, RUN)
+  stored = _read_run(run_file, identity)
+  if stored is not None:
+    config = UNetConfig.from_json(json.dumps(stored["config"]))
+  elif from_scratch:
+    config = _fit_latent_space(config, vae_params, vae_config, listing.items, settings, log)
+  config = config.replace(dtype=settings.compute_dtype)
+  if lead and stored is None:
+    os.makedirs(run_dir, exist_ok=True)
+    write_atomic(run_file, json.dumps({**identity, "config": json.loads(config.to_json())},
+                                      indent=2).encode())
+
+  crops = data.TrainingCrops(listing.items, settings.resolution, settings.seed, settings.flip)
+  step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
+                      deltas=settings.curriculum, remat=settings.remat)
+  step_fn.check_batch_size(settings.batch_size)
+  vae_encoder = step_fn.replicate({k: v for k, v in vae_params.items()
+                                   if k in ("encoder", "quant_conv")})
+  manager = ocp.CheckpointManager(
+      os.path.join(run_dir, CHECKPOINTS),
+      options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep,
+                                           save_interval_steps=settings.save_every,
+                                           enable_async_checkpointing=True))
+  state = step_fn.replicate(init_state(params, settings.optimization))
+  start = manager.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=step_fn.replicated), state)
+    restored = manager.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    if restored["data"]["next_example"] != start * settings.batch_size:
+      raise TrainingSetupError(f"{run_dir}: checkpoint {start} is not at this run's data"
+                               " position; the folder holds another run")
+    if lead:
+      print(f"resuming {run_dir} from step {start}", file=log)
+  metrics = _MetricsLog(run_dir, start, lead)
+  report = RunReport(steps_done=start, resumed_from=start, failures=listing.failures,
+                     model_dir=os.path.join(run_dir, MODEL))
+  evaluator = _Evaluator(eval_items, settings, config, vae_encoder, vae_config, run_dir,
+                         lead)
+  if start == 0:
+    report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
+
+  per_process = settings.batch_size // jax.process_count()
+  mine = jax.process_index() * per_process
+  bar = tqdm.tqdm(total=settings.steps, initial=start, unit="step", file=log,
+                  disable=not (progress and lead), dynamic_ncols=True)
+  pending, tick, examples = [], time.perf_counter(), 0
+  step = start
+  try:
+    while step < settings.steps:
+      if stop is not None and multihost.any_process(stop.is_set()):
+        report.stopped = True
+        break
+      delta = curriculum_delta(step, settings.steps, settings.curriculum)
+      first = step * settings.batch_size
+      state, step_metrics = step_fn(state, vae_encoder, crops.rows(first + mine, per_process),
+                                    first, delta)
+      step += 1
+      pending.append(step_metrics)
+      examples += settings.batch_size
+      manager.save(step, args=_save_args(state, step, settings))
+      if step % settings.log_every == 0 or step == settings.steps:
+        now = time.perf_counter()
+        values = jax.device_get(pending)
+        line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        line.update(delta=delta, examples_per_s=examples / (now - tick))
+        metrics.write(step, line, "train")
+        bar.set_postfix(loss=f"{line['loss']:.4g}", steps_s=f"{len(values) / (now - tick):.2f}")
+        pending, tick, examples = [], now, 0
+      bar.update(1)
+      if step % settings.eval_every == 0 or step == settings.steps:
+        report.last_eval = metrics.write(step, evaluator(state["ema"], step), "eval")
+  finally:
+    bar.close()
+    if step > (manager.latest_step() or 0):
+      manager.save(step, args=_save_args(state, step, settings), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    metrics.close()
+  report.steps_done = step
+  if not report.stopped:
+    _export(report.model_dir, state["ema"], config, vae_params, vae_config, vae_halves,
+            identity, step, lead)
+    if lead:
+      _write_failures(run_dir, listing.failures)
+  return report
+
+
+def _save_args(state, step: int, settings: RunSettings):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            data=ocp.args.JsonSave({"next_example": step * settings.batch_size}))
+
+
+def _check_same_everywhere(value, what: str) -> None:
+  views = multihost.gather_json(value)
+  if any(v != views[0] for v in views[1:]):
+    raise TrainingSetupError(f"the processes list different {what}: every host must see the"
+                             " same files")
+
+
+def _read_run(path: str, identity: dict) -> Optional[dict]:
+  """The stored run.json if this command continues that run; None for a new run."""
+  if not os.path.exists(path):
+    if os.path.isdir(os.path.dirname(path)) and os.listdir(os.path.dirname(path)):
+      raise TrainingSetupError(f"{os.path.dirname(path)} is not empty and holds no {RUN}: give"
+                               " --out a new folder, or the folder of the run to resume")
+    return None
+  from jaxconsdec.files import read_json_object
+  stored = read_json_object(path)
+  diffs = [k for k in identity if stored.get(k) != identity[k]]
+  if diffs:
+    raise TrainingSetupError(
+        f"{os.path.dirname(path)} holds another run: its {', '.join(diffs)} differ from this"
+        " command's. Re-run the run's own command to resume it, or give --out a new folder")
+  return stored
+
+
+def _fit_latent_space(config: UNetConfig, vae_params, vae_config: VAEConfig, items,
+                      settings: RunSettings, log) -> UNetConfig:
+  """A decoder trained from scratch decodes the VAE's latent space: its channels, scale and
+  shift, and per-channel statistics measured over the training images (Welford)."""
+  encoder = jax.jit(lambda p, x: encode_mean(p, x, vae_config))
+
+  def latents_of(indices):
+    crops = [data.center_crop(data.read_pixels(items[i]), settings.resolution) for i in indices]
+    return encoder(vae_params, np.stack(crops).astype(np.float32) / 127.5 - 1.0)
+
+  mean, std = latent_stats.measure(len(items), latents_of, vae_config.latent_channels,
+                                   vae_config.scaling_factor, vae_config.shift_factor)
+  if jax.process_index() == 0:
+    print(f"latent statistics over {len(items)} images: mean {np.round(mean, 4).tolist()},"
+          f" std {np.round(std, 4).tolist()}", file=log)
+  return config.replace(latent_channels=vae_config.latent_channels,
+                        scaling_factor=vae_config.scaling_factor,
+                        shift_factor=vae_config.shift_factor, latent_mean=mean, latent_std=std)
+
+
+def _eval_items(eval_inputs, listing, settings: RunSettings):
+  """Held-out images (their centered crops), or else the first training images (said so)."""
+  if eval_inputs:
+    held = data.list_training_images(eval_inputs, settings.resolution, settings.max_pixels)
+    if not held.items:
+      raise TrainingSetupError(f"no usable evaluation images under {', '.join(eval_inputs)}")
+    return held.items[:8]
+  return listing.items[:4]
+
+
+class _Evaluator:
+  """PSNR of 1- and 2-step decodes (EMA params) of the evaluation crops, and their grid PNG.
+  Every process computes it on its first device (it is small); process 0 writes."""
+
+  def __init__(self, items, settings: RunSettings, config, vae_encoder, vae_config, run_dir,
+               lead):
+    self.pixels = np.stack([data.center_crop(data.read_pixels(i), settings.resolution)
+                            for i in items])
+    self.config, self.run_dir, self.lead, self.seed = config, run_dir, lead, settings.seed
+    images = jnp.asarray(self.pixels, jnp.float32) / 127.5 - 1.0
+    self.latents = jax.jit(encode_mean, static_argnums=2)(local_copy(vae_encoder), images,
+                                                          vae_config)
+
+  def __call__(self, ema, step: int) -> dict:
+    params = local_copy(ema)
+    outputs = {name: np.asarray(to_uint8(decode(params, self.latents, self.seed,
+                                                config=self.config, schedule=s,
+                                                layout="NHWC")))
+               for name, s in EVAL_SCHEDULES.items()}
+    line = {f"psnr_{name.replace(' ', '_')}":
+            float(np.mean([psnr(a, b) for a, b in zip(self.pixels, out)]))
+            for name, out in outputs.items()}
+    if self.lead:
+      grid = np.concatenate([side_by_side(self.pixels[i], {n: o[i] for n, o in outputs.items()})
+                             for i in range(len(self.pixels))])
+      folder = make_dirs_inside(self.run_dir, SAMPLES)
+      write_atomic(os.path.join(folder, f"step_{step:07d}.png"), encode_png(grid))
+    return line
+
+
+class _MetricsLog:
+  """metrics.jsonl and TensorBoard, written by process 0. A resumed run first drops what
+  the killed one logged after its last checkpoint, so each step appears once."""
+
+  def __init__(self, run_dir: str, start: int, lead: bool):
+    self.lead = lead
+    self.path = os.path.join(run_dir, METRICS)
+    self.writer = None
+    if not lead:
+      return
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          try:
+            entry = json.loads(line)
+          except ValueError:
+            continue  # a line cut short by a kill
+          if entry.get("step", 0) <= start and not (entry["step"] == start and start):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(self.path, "".join(kept).encode())
+    try:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD),
+                                  purge_step=start + 1 if start else None)
+    except ImportError:  # optional: metrics.jsonl holds the same
+      self.writer = None
+
+  def write(self, step: int, values: dict, kind: str) -> dict:
+    if self.lead:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, "kind": kind, "time": time.time(), **values}) + "\n")
+      if self.writer is not None:
+        for name, value in values.items():
+          self.writer.add_scalar(f"{kind}/{name}", value, step)
+    return values
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _export(model_dir, ema, config, vae_params, vae_config, vae_halves, identity, step, lead):
+  params = jax.device_get(local_copy(ema))
+  vae = {k: v for k, v in jax.device_get(vae_params).items() if k in ("encoder", "quant_conv")}
+  if lead:
+    checkpoint.save(model_dir, params, config.replace(dtype="float32"),
+                    {"trained_by": "jaxconsdec train", "step": step, "run": identity},
+                    vae_params=vae, vae_config=vae_config, vae_halves=("encoder",),
+                    force=os.path.exists(model_dir))
+
+
+def _write_failures(run_dir: str, failures: list[Failure]) -> None:
+  path = os.path.join(run_dir, FAILURES)
+  if failures:
+    write_atomic(path, json.dumps([f.to_json() for f in failures], indent=2).encode())
+  elif os.path.exists(path):
+    os.remove(path)
