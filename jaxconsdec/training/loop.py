@@ -197,7 +197,6 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
       step += 1
       pending.append(step_metrics)
       examples += settings.batch_size
-      manager.save(step, args=_save_args(state, step, settings))
       if step % settings.log_every == 0 or step == settings.steps:
         now = time.perf_counter()
         values = jax.device_get(pending)
@@ -209,6 +208,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
       bar.update(1)
       if step % settings.eval_every == 0 or step == settings.steps:
         report.last_eval = metrics.write(step, evaluator(state["ema"], step), "eval")
+      # Last: a checkpoint at step k means everything logged for step k is on disk.
+      manager.save(step, args=_save_args(state, step, settings))
   finally:
     bar.close()
     if step > (manager.latest_step() or 0):
@@ -316,7 +317,8 @@ class _Evaluator:
 
 class _MetricsLog:
   """metrics.jsonl and TensorBoard, written by process 0. A resumed run first drops what
-  the killed one logged after its last checkpoint, so each step appears once."""
+  the killed one logged after its last checkpoint, so each step appears once (lines are
+  written before their step's checkpoint)."""
 
   def __init__(self, run_dir: str, start: int, lead: bool):
     self.lead = lead
@@ -332,7 +334,7 @@ class _MetricsLog:
             entry = json.loads(line)
           except ValueError:
             continue  # a line cut short by a kill
-          if entry.get("step", 0) <= start and not (entry["step"] == start and start):
+          if entry.get("step", 0) <= start:
             kept.append(line if line.endswith("\n") else line + "\n")
     write_atomic(self.path, "".join(kept).encode())
     try:

@@ -1,0 +1,274 @@
+"""The trainer: one step on 1, 2 and 8 devices and on 2 processes agrees; a run killed with
+SIGKILL and re-run ends bit for bit where an uninterrupted run ends; bad data and bad runs are
+answered; the exported model decodes; the latent statistics merge across processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxconsdec as jcd
+from jaxconsdec.training import latent_stats
+from hostile import cli_command
+from simulated_devices import run_on_simulated_devices
+
+# One optimiser step of the tiny decoder on 8 fixed 32x32 crops, from any device count; the
+# process that leads writes params, Adam state and EMA to argv[1].
+ONE_STEP = textwrap.dedent("""
+    import sys, jax, numpy as np, jaxconsdec as jcd
+    from jaxconsdec.training.step import Optimization, TrainStep, init_state, local_copy
+    {setup}
+    cfg = jcd.TINY.replace(dropout=0.1)
+    params = jcd.random_params(jcd.TINY, seed=1)
+    vae = jcd.random_params(jcd.TINY_VAE, seed=2, halves=("encoder",))
+    pixels = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    opt = Optimization(lr=1e-4, warmup_steps=1, ema_decay=0.5)
+    step = TrainStep(cfg, jcd.TINY_VAE, opt, seed=7, deltas=(64, 16))
+    state = step.replicate(init_state(params, opt))
+    per = 8 // jax.process_count()
+    mine = pixels[jax.process_index() * per:(jax.process_index() + 1) * per]
+    state, metrics = step(state, step.replicate(vae), mine, 40, 16)
+    state, metrics = step(state, step.replicate(vae), mine, 48, 64)
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(local_copy(state)))[0]
+    if jax.process_index() == 0:
+      np.savez(sys.argv[1], **{{jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}})
+    print("OK", jax.device_count(), float(metrics["loss"].addressable_data(0)))
+""")
+
+
+def _load(path):
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _assert_close(a, b, rtol=1e-6):
+  """Params, Adam state and EMA each agree to `rtol` relative (norm of the difference over
+  the norm, over the whole tree: float32 sums in another order move single zero-initialised
+  biases by more, relative to their own tiny norm)."""
+  assert a.keys() == b.keys()
+  for part in ("['params']", "['opt_state']", "['ema']"):
+    names = [k for k in a if k.startswith(part)]
+    diff = np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in names))
+    norm = np.sqrt(sum(np.sum(b[k].astype(np.float64) ** 2) for k in names))
+    print(part, "relative difference", diff / norm)
+    assert diff <= rtol * norm, (part, diff / norm)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_step_results(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("steps")
+  results = {}
+  for devices in (1, 2, 8):
+    path = str(folder / f"d{devices}.npz")
+    run_on_simulated_devices(ONE_STEP.format(setup=""), devices, path)
+    results[devices] = _load(path)
+  # Two processes with one CPU device each, through jax.distributed (gloo collectives).
+  port = _free_port()
+  setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+           f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[2]))")
+  path = str(folder / "p2.npz")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, "-c", ONE_STEP.format(setup=setup), path, str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and "OK" in out, err[-3000:]
+  results["2 processes"] = _load(path)
+  return results
+
+
+def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results):
+  base = one_step_results[1]
+  assert any("ema" in k for k in base) and any("opt_state" in k for k in base)
+  assert int(base["['step']"]) == 2
+  for other in (2, 8, "2 processes"):
+    _assert_close(one_step_results[other], base)
+  # ...and the step did something: params moved from their initial values.
+  init = jcd.random_params(jcd.TINY, seed=1)
+  assert not np.allclose(base["['params']['conv_in']['kernel']"], init["conv_in"]["kernel"])
+
+
+def test_latent_statistics_merge_as_one_pass():
+  rng = np.random.default_rng(0)
+  parts = [rng.standard_normal((n, 3, 3, 4)) * [1, 2, 3, 4] + [5, 6, 7, 8] for n in (3, 1, 7)]
+  total = latent_stats.Welford(4)
+  for part in parts:  # as three processes would, each then merged
+    one = latent_stats.Welford(4)
+    one.add(part)
+    total.merge(one.n, one.mean, one.m2)
+  every = np.concatenate(parts).reshape(-1, 4)
+  np.testing.assert_allclose(total.mean, every.mean(axis=0), rtol=1e-12)
+  np.testing.assert_allclose(total.std, every.std(axis=0, ddof=1), rtol=1e-12)
+
+
+# --- the command --------------------------------------------------------------------------
+
+def _photos(folder, names=("astronaut", "coffee", "chelsea")):
+  import skimage.data
+  os.makedirs(folder, exist_ok=True)
+  for name in names:
+    Image.fromarray(getattr(skimage.data, name)()).save(os.path.join(folder, f"{name}.png"))
+  return folder
+
+
+TRAIN = ["--steps", "6", "--batch-size", "2", "--resolution", "32", "--config", "tiny",
+         "--random-vae", "tiny", "--curriculum", "64,16", "--save-every", "1", "--keep", "2",
+         "--eval-every", "3", "--log-every", "1", "--warmup", "2", "--lr", "1e-3",
+         "--ema-decay", "0.9", "--no-progress"]
+# The runs of this module share an XLA cache (set by the fixture below), so only the first
+# compiles the step.
+CACHE = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compile_cache(tmp_path_factory):
+  CACHE[:] = ["--compile-cache", str(tmp_path_factory.mktemp("xla-cache"))]
+
+
+def _command(images, run, *extra):
+  return cli_command("train", images, "--out", run, *TRAIN, *CACHE, *extra)
+
+
+def _train(images, run, *extra, **kw):
+  return subprocess.run(_command(images, run, *extra), capture_output=True, text=True,
+                        timeout=600, **kw)
+
+
+def _exported(run):
+  params, _ = jcd.load(run)
+  import jax
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  return _photos(str(tmp_path_factory.mktemp("photos")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, photos):
+  run = str(tmp_path_factory.mktemp("runs") / "whole")
+  proc = _train(photos, run)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run
+
+
+def test_a_run_writes_metrics_samples_and_a_model_that_decodes(uninterrupted, tmp_path):
+  lines = [json.loads(l) for l in open(os.path.join(uninterrupted, "metrics.jsonl"))]
+  train = [l for l in lines if l["kind"] == "train"]
+  assert [l["step"] for l in train] == [1, 2, 3, 4, 5, 6]
+  assert [l["delta"] for l in train] == [64, 64, 64, 16, 16, 16]  # the curriculum switches
+  assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in train)
+  assert [l["step"] for l in lines if l["kind"] == "eval"] == [0, 3, 6]
+  assert sorted(os.listdir(os.path.join(uninterrupted, "samples"))) == [
+      "step_0000000.png", "step_0000003.png", "step_0000006.png"]
+  assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+  loaded = jcd.load(uninterrupted)
+  assert loaded.config.latent_channels == 4 and loaded.vae_halves == ("encoder",)
+  run = json.load(open(os.path.join(uninterrupted, "run.json")))
+  # From scratch the latent statistics are measured over the images, and stored.
+  assert tuple(run["config"]["latent_std"]) == loaded.config.latent_std != jcd.TINY.latent_std
+  lat = np.asarray(jcd.encode(loaded.vae_params, np.zeros((1, 32, 32, 3), np.float32),
+                              config=loaded.vae_config, layout="NHWC"))
+  np.save(tmp_path / "one.npy", lat[0].transpose(2, 0, 1))
+  out = subprocess.run(cli_command("decode", str(tmp_path / "one.npy"), "-o",
+                                   str(tmp_path / "out"), "--weights", uninterrupted,
+                                   "--no-progress"), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert os.path.exists(tmp_path / "out" / "one.png")
+
+
+def _wait_for(path, proc, timeout=300):
+  start = time.time()
+  while not os.path.exists(path):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() - start < timeout
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kill_after", ["checkpoints/2", "checkpoints/4"])
+def test_sigkill_and_rerun_ends_bit_for_bit_where_an_uninterrupted_run_ends(
+    uninterrupted, photos, tmp_path, kill_after):
+  """Killed once a checkpoint appears (before and after the curriculum switch at step 3),
+  the same command resumes and exports exactly the uninterrupted run's EMA params."""
+  run = str(tmp_path / "run")
+  proc = subprocess.Popen(_command(photos, run),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(os.path.join(run, kill_after), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(run, "model"))
+  again = _train(photos, run)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming" in again.stderr
+  got, want = _exported(run), _exported(uninterrupted)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  steps = [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))
+           if json.loads(l)["kind"] == "train"]
+  assert steps == [1, 2, 3, 4, 5, 6]  # what the killed run logged past its checkpoint: once
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(photos, tmp_path):
+  run = str(tmp_path / "run")
+  proc = subprocess.Popen(_command(photos, run),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(os.path.join(run, "checkpoints", "1"), proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-2000:]
+  assert "run the same command to resume" in err
+  assert not os.path.exists(os.path.join(run, "model"))
+  assert len(os.listdir(os.path.join(run, "checkpoints"))) >= 1
+
+
+def test_bad_data_and_bad_runs_are_answered(photos, tmp_path):
+  # An empty folder: nothing to train on, exit 2 before any work.
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = _train(str(empty), str(tmp_path / "r0"))
+  assert proc.returncode == 2 and "no usable training images" in proc.stderr, proc.stderr
+  # Unreadable and too-small images are left out, listed, and the run goes on: exit 1.
+  mixed = tmp_path / "mixed"
+  _photos(str(mixed), ("astronaut",))
+  Image.new("RGB", (16, 40)).save(mixed / "small.png")
+  (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  run = str(tmp_path / "r1")
+  proc = _train(str(mixed), run, "--steps", "1", "--eval-every", "1")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "small.png" in proc.stderr and "smaller than the 32x32" in proc.stderr
+  failures = json.load(open(os.path.join(run, "failures.json")))
+  assert sorted(os.path.basename(f["input"]) for f in failures) == ["broken.png", "small.png"]
+  # A VAE whose latents the decoder cannot take: 16 channels for a 4-channel decoder.
+  proc = subprocess.run(cli_command("train", photos, "--out", str(tmp_path / "r2"), "--steps",
+                                    "1", "--init", run, "--random-vae", "sd3", "--no-progress"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "16 channels" in proc.stderr, proc.stderr[-2000:]
+  # Another command on an existing run's folder is refused, naming what differs.
+  proc = _train(str(mixed), run, "--steps", "1", "--eval-every", "1", "--seed", "5")
+  assert proc.returncode == 2 and "holds another run" in proc.stderr and "settings" in (
+      proc.stderr), proc.stderr[-2000:]
+  # A folder of something else is not taken over.
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  proc = _train(photos, str(other))
+  assert proc.returncode == 2 and "not empty" in proc.stderr
+  assert os.listdir(other) == ["notes.txt"]
