@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from timing import best_seconds
+from timing import best_seconds, matmul_peak, xla_flops
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -58,7 +58,7 @@ def main():
   vae = diffusers_vae(base, seed=0)
   params = jax.device_put(jcd.params_from_torch(state_dict_numpy(vae.decoder_unet), cfg))
   references = {mode: _reference(vae, mode, torch_device) for mode in args.reference.split(",")}
-  peak = _matmul_peak(args.dtype)
+  peak = matmul_peak(args.dtype)
   print(f"device {jax.devices()[0].device_kind}; matmul peak {peak / 1e12:.2f} TFLOP/s"
         f" ({args.dtype})", flush=True)
 
@@ -109,17 +109,6 @@ def _reference(vae, mode, device):
   return run
 
 
-def _matmul_peak(dtype: str) -> float:
-  import jax
-  import jax.numpy as jnp
-
-  import jaxconsdec as jcd
-  n = 8192 if jax.default_backend() == "gpu" else 4096
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a, compiler_options=jcd.compiler_options())
-  return 2 * n ** 3 / best_seconds(lambda: f(a).block_until_ready(), 5)
-
-
 def _measure(cfg, params, references, size, batch, repeats, peak, torch_device):
   import jax
   import torch
@@ -138,7 +127,7 @@ def _measure(cfg, params, references, size, batch, repeats, peak, torch_device):
       layout="NCHW").compile()
   compile_s = time.perf_counter() - start
   # XLA's cost analysis counts a lax.scan body once, not once per iteration: x steps.
-  flops = _flops(compiled)
+  flops = xla_flops(compiled)
   flops = flops * len(SCHEDULE) if flops else None
   spec_flops = SPEC_TFLOP_PER_FORWARD_256 * 1e12 * (size / 256) ** 2 * len(SCHEDULE) * batch
   memory = compiled.memory_analysis()
@@ -181,15 +170,6 @@ def _measure(cfg, params, references, size, batch, repeats, peak, torch_device):
     row[f"ratio_vs_{mode}_median"] = statistics.median(ratios)
     row[f"ratio_vs_{mode}_range"] = [min(ratios), max(ratios)]
   return row
-
-
-def _flops(compiled):
-  try:
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    return float(analysis.get("flops", 0)) or None
-  except Exception:  # some backends have none
-    return None
 
 
 def _table(result) -> str:

@@ -6,6 +6,8 @@
 #   3. 1024², batch 1, bf16: the device's peak memory of one decode (target <= 8 GiB)
 #                                                -> results/decode_speed_gpu_1024_b1.{json,md}
 #   4. compiled memory (XLA's analysis) at 1024², bf16 and f32 -> results/memory_gpu.json
+#   5. training: one released-width trainer step at 256², batch 8, bf16: images/s and MFU
+#                                                -> results/train_throughput_gpu.{json,md}
 # Each step is its own process, so each peak belongs to its step.
 #
 # The GPU machine's Python has jax (CUDA), flax, optax, orbax-checkpoint and torch, and no
@@ -41,6 +43,8 @@ if [ "${1:-}" = "--dry-run" ]; then
   python3 benchmarks/decode_speed.py "${common[@]}" --sizes 64 --batches 1 --reference fp16 \
     --out "$out/decode_speed_1024_b1"
   python3 benchmarks/memory.py --sizes 64 --devices 1 --out "$out/memory.json"
+  python3 benchmarks/train_speed.py throughput --tiny --size 64 --batch 2 --repeats 1 \
+    --out "$out/train_throughput"
   echo "dry run done: $out"
   exit 0
 fi
@@ -54,3 +58,5 @@ python3 benchmarks/decode_speed.py --sizes 1024 --batches 4 --dtype bfloat16 --r
 python3 benchmarks/decode_speed.py --sizes 1024 --batches 1 --dtype bfloat16 --repeats 2 \
   --reference fp16 --out benchmarks/results/decode_speed_gpu_1024_b1
 python3 benchmarks/memory.py --sizes 1024 --devices 1 --out benchmarks/results/memory_gpu.json
+python3 benchmarks/train_speed.py throughput --size 256 --batch 8 --dtype bfloat16 --repeats 3 \
+  --out benchmarks/results/train_throughput_gpu

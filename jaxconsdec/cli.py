@@ -152,7 +152,7 @@ def _describe_vae(config) -> str:
 VAE_PRESETS = ("sd", "sdxl", "sd3", "flux", "tiny")
 
 
-def _vae_config_arg(value: Optional[str]):
+def _vae_config_arg(value: Optional[str], flag: str = "--vae-config"):
   """--vae-config: a preset name or a JSON file (jaxconsdec's VAEConfig, or a diffusers
   AutoencoderKL config.json); None when not given."""
   import jaxconsdec as jcd
@@ -164,7 +164,7 @@ def _vae_config_arg(value: Optional[str]):
   if value in presets:
     return presets[value]
   if not os.path.exists(value):
-    raise UsageError(f"--vae-config {value}: neither one of {', '.join(VAE_PRESETS)} nor an"
+    raise UsageError(f"{flag} {value}: neither one of {', '.join(VAE_PRESETS)} nor an"
                      " existing file")
   return diffusers_config.read_vae_config(value)
 
@@ -270,7 +270,8 @@ def _train(args: argparse.Namespace) -> int:
         b2=args.adam_b2, eps=args.adam_eps, clip_norm=args.clip_norm, ema_decay=args.ema_decay)
     settings = loop.RunSettings(
         steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,
-        seed=args.seed, curriculum=curriculum, optimization=optimization,
+        seed=args.seed, curriculum=curriculum, objective=args.objective,
+        optimization=optimization,
         compute_dtype="bfloat16" if args.bf16 else "float32", remat=args.remat,
         flip=not args.no_flip, save_every=args.save_every, keep=args.keep,
         eval_every=args.eval_every, log_every=args.log_every,
@@ -289,7 +290,7 @@ def _train(args: argparse.Namespace) -> int:
       params, config, init = _weights_arg(argparse.Namespace(
           random_weights=None, weights=args.init, config=None, embedding=None))
     if args.random_vae:
-      vae_config = _vae_config_arg(args.random_vae)
+      vae_config = _vae_config_arg(args.random_vae, "--random-vae")
       print(f"WARNING: --random-vae: the {args.random_vae} VAE encoder is RANDOMLY"
             " INITIALISED; the decoder learns to decode its latents, not a real VAE's.",
             file=sys.stderr)
@@ -617,8 +618,9 @@ def _parser() -> argparse.ArgumentParser:
   tr.add_argument("--vae", metavar="CKPT", help="the frozen VAE whose latents are decoded")
   tr.add_argument("--vae-config", metavar="CONFIG",
                   help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a JSON")
-  tr.add_argument("--random-vae", choices=VAE_PRESETS,
-                  help="a randomly initialised VAE of this size instead (tests and demos)")
+  tr.add_argument("--random-vae", metavar="CONFIG",
+                  help="a randomly initialised VAE of this architecture instead (tests and"
+                  f" demos): {', '.join(VAE_PRESETS)} or a JSON")
   tr.add_argument("--eval-images", nargs="+", metavar="IMAGE",
                   help="held-out images for the PSNR and sample grids (default: the first"
                   " training images)")
@@ -635,6 +637,9 @@ def _parser() -> argparse.ArgumentParser:
   opt.add_argument("--curriculum", metavar="DELTAS",
                    help="grid spacings in table steps, in equal shares of the run (default 16"
                    " with --init; 64,32,16,8,4 from scratch)")
+  opt.add_argument("--objective", choices=("consistency", "denoising"), default="consistency",
+                   help="consistency training (default), or denoising pre-training: stage 1"
+                   " of a new decoder, whose result a consistency run then takes as --init")
   opt.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (from scratch)")
   opt.add_argument("--bf16", action="store_true",
                    help="bfloat16 compute, float32 master weights and loss")

@@ -265,6 +265,13 @@ def test_bad_data_and_bad_runs_are_answered(photos, tmp_path):
   proc = _train(str(mixed), run, "--steps", "1", "--eval-every", "1", "--seed", "5")
   assert proc.returncode == 2 and "holds another run" in proc.stderr and "settings" in (
       proc.stderr), proc.stderr[-2000:]
+  # A second trainer on a run that is running (its lock held) is refused.
+  import fcntl
+  with open(os.path.join(run, ".lock"), "a") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    proc = _train(str(mixed), run, "--steps", "1", "--eval-every", "1")
+  assert proc.returncode == 2 and "another `jaxconsdec train` is running" in proc.stderr, (
+      proc.stderr[-2000:])
   # A folder of something else is not taken over.
   other = tmp_path / "other"
   other.mkdir()
@@ -272,3 +279,25 @@ def test_bad_data_and_bad_runs_are_answered(photos, tmp_path):
   proc = _train(photos, str(other))
   assert proc.returncode == 2 and "not empty" in proc.stderr
   assert os.listdir(other) == ["notes.txt"]
+
+
+def test_a_decoder_for_16_channel_latents_trains_from_scratch(photos, tmp_path):
+  """--config with another VAE's latent space, stage 1 (denoising pre-training): the
+  decoder takes its 16 channels and stores their measured statistics; the exported model
+  decodes that VAE's latents."""
+  vae_config = tmp_path / "vae16.json"
+  vae_config.write_text(jcd.TINY_VAE.replace(latent_channels=16, use_quant_conv=False,
+                                             use_post_quant_conv=False, scaling_factor=0.3611,
+                                             shift_factor=0.1159).to_json())
+  run = str(tmp_path / "run")
+  proc = _train(photos, run, "--random-vae", str(vae_config), "--steps", "2",
+                "--eval-every", "2", "--objective", "denoising")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  loaded = jcd.load(run)
+  assert loaded.config.latent_channels == 16 and loaded.config.in_channels == 19
+  assert loaded.config.shift_factor == 0.1159 and len(loaded.config.latent_std) == 16
+  assert loaded.params["conv_in"]["kernel"].shape[2] == 19
+  lat = jcd.encode(loaded.vae_params, np.zeros((1, 32, 32, 3), np.float32),
+                   config=loaded.vae_config, layout="NHWC")
+  assert jcd.decode(loaded.params, lat, 0, config=loaded.config, layout="NHWC").shape == (
+      1, 32, 32, 3)

@@ -180,6 +180,38 @@ def test_dropout_is_shared_between_student_and_teacher():
   np.testing.assert_allclose(np.asarray(whole)[1], np.asarray(one)[0], rtol=1e-6)
 
 
+def test_denoising_loss_matches_torch(model):
+  """Stage 1: EDM's weight (sigma^2 + 0.25) / (0.25 sigma^2) times the mean squared error of
+  D(x_t, t; z) against the clean image, written here in torch."""
+  unet, params = model
+  x0, lat, eps = _inputs(6, 3, 32)
+  t = np.array([0, 300, 1023])
+  got = np.asarray(jcd.denoising_loss(params, x0, lat, t, eps, config=CFG))
+  ref, sigma = TorchLoss(unet), _sigmas()
+  want = []
+  for i in range(3):
+    s = ref.s
+    x_t = s.sqrt_alphas_cumprod[t[i]] * nchw(x0[i:i + 1]) + s.sqrt_one_minus_alphas_cumprod[
+        t[i]] * nchw(eps[i:i + 1])
+    z = (SD_SCALE * nchw(lat[i:i + 1]) - SD_MEAN) / SD_STD
+    z = z.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    mse = ((ref.D(x_t, int(t[i]), z) - nchw(x0[i:i + 1])) ** 2).mean().double().item()
+    want.append((sigma[t[i]] ** 2 + 0.25) / (0.25 * sigma[t[i]] ** 2) * mse)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_denoising_levels_snap_to_the_nearest_table_level():
+  sigma = _sigmas()
+  wanted = np.exp(np.linspace(-8, 12, 401))
+  got = np.asarray(pairs.snap_to_table(jnp.log(jnp.asarray(wanted, jnp.float32))))
+  nearest = np.argmin(np.abs(np.log(sigma)[None, :] - np.log(wanted)[:, None]), axis=1)
+  assert np.mean(got == nearest) > 0.99  # float32 ties at midpoints aside
+  assert np.all(np.abs(got - nearest) <= 1)
+  t = np.asarray(pairs.draw_levels(jax.random.split(jax.random.key(0), 20_000)))
+  median = np.median(np.log(sigma[t]))
+  assert abs(median - pairs.P_MEAN) < 0.1 and t.min() >= 0 and t.max() <= 1023
+
+
 def _erf_law(delta):
   """The pair law, from TRAINING.md's formula and diffusers' own alpha-bar table."""
   sigma = _sigmas()

@@ -45,10 +45,10 @@ from jaxconsdec.metrics import psnr
 from jaxconsdec.sampler import decode
 from jaxconsdec.training import data, latent_stats
 from jaxconsdec.training.pairs import FINE_TUNE_CURRICULUM, check_delta, curriculum_delta
-from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, METRICS, MODEL, RUN, SAMPLES,
-                                           TENSORBOARD)
-from jaxconsdec.training.step import (Optimization, TrainStep, encode_mean, init_state,
-                                      local_copy)
+from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, LOCK, METRICS, MODEL, RUN,
+                                           SAMPLES, TENSORBOARD)
+from jaxconsdec.training.step import (OBJECTIVES, Optimization, TrainStep, encode_mean,
+                                      init_state, local_copy)
 
 EVAL_SCHEDULES = {"1 step": (1.0,), "2 steps": (1.0, 0.5)}
 
@@ -65,6 +65,7 @@ class RunSettings:
   resolution: int = 256
   seed: int = 0
   curriculum: tuple[int, ...] = FINE_TUNE_CURRICULUM
+  objective: str = "consistency"
   optimization: Optimization = Optimization()
   compute_dtype: str = "float32"
   remat: bool = False
@@ -85,6 +86,8 @@ class RunSettings:
                                f" {self.resolution}")
     if not self.curriculum:
       raise TrainingSetupError("the curriculum needs at least one grid spacing")
+    if self.objective not in OBJECTIVES:
+      raise TrainingSetupError(f"objective must be one of {OBJECTIVES}")
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -137,6 +140,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
               "eval_inputs": [i.path for i in eval_items], **identities}
   run_file = os.path.join(run_dir, RUN)
   stored = _read_run(run_file, identity)
+  lock = _lock(run_dir) if lead else None
   if stored is not None:
     config = UNetConfig.from_json(json.dumps(stored["config"]))
   elif from_scratch:
@@ -149,7 +153,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
 
   crops = data.TrainingCrops(listing.items, settings.resolution, settings.seed, settings.flip)
   step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
-                      deltas=settings.curriculum, remat=settings.remat)
+                      deltas=settings.curriculum, remat=settings.remat,
+                      objective=settings.objective)
   step_fn.check_batch_size(settings.batch_size)
   vae_encoder = step_fn.replicate({k: v for k, v in vae_params.items()
                                    if k in ("encoder", "quant_conv")})
@@ -223,6 +228,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
             identity, step, lead)
     if lead:
       _write_failures(run_dir, listing.failures)
+  if lock is not None:
+    lock.close()
   return report
 
 
@@ -238,11 +245,27 @@ def _check_same_everywhere(value, what: str) -> None:
                              " same files")
 
 
+def _lock(run_dir: str):
+  """An exclusive lock on the run folder for as long as this trainer runs: a second trainer
+  on the same folder would interleave two runs' checkpoints."""
+  import fcntl
+  os.makedirs(run_dir, exist_ok=True)
+  handle = open(os.path.join(run_dir, LOCK), "a")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    raise TrainingSetupError(f"another `jaxconsdec train` is running on {run_dir}: wait for it"
+                             " to end, or stop it (it saves a checkpoint on SIGTERM)")
+  return handle
+
+
 def _read_run(path: str, identity: dict) -> Optional[dict]:
   """The stored run.json if this command continues that run; None for a new run."""
   if not os.path.exists(path):
-    if os.path.isdir(os.path.dirname(path)) and os.listdir(os.path.dirname(path)):
-      raise TrainingSetupError(f"{os.path.dirname(path)} is not empty and holds no {RUN}: give"
+    folder = os.path.dirname(path)
+    if os.path.isdir(folder) and set(os.listdir(folder)) - {LOCK}:
+      raise TrainingSetupError(f"{folder} is not empty and holds no {RUN}: give"
                                " --out a new folder, or the folder of the run to resume")
     return None
   from jaxconsdec.files import read_json_object

@@ -20,7 +20,7 @@ import numpy as np
 from jaxconsdec.config import UNetConfig
 from jaxconsdec.models.unet import UNet
 from jaxconsdec.sampler import prepare_latents, unwrap_variables
-from jaxconsdec.schedule import TABLES
+from jaxconsdec.schedule import SIGMA_DATA, TABLES
 from jaxconsdec.training.pairs import SIGMAS, VIRTUAL_LEVEL
 
 HUBER_C_PER_SQRT_DIM = 0.00054  # iCT: c = 0.00054 sqrt(d), d = 3 H W
@@ -69,28 +69,13 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
   The mean over examples is the batch loss. Whatever `config.dtype`, the images, the
   denoiser's output and the loss are float32.
   """
-  params = unwrap_variables(params)
-  x0 = jnp.asarray(images, jnp.float32)
-  eps = jnp.asarray(noise, jnp.float32)
-  if x0.ndim != 4 or x0.shape[-1] != 3 or eps.shape != x0.shape:
-    raise ValueError(f"images must be (B, H, W, 3) NHWC and noise shaped like them; got"
-                     f" {x0.shape} and {eps.shape}")
+  params, x0, eps, z, keys = _checked(params, images, latents, noise, config, dropout_key)
   b, height, width, _ = x0.shape
   t_lo, t_hi = jnp.asarray(t_lo, jnp.int32), jnp.asarray(t_hi, jnp.int32)
   if t_lo.shape != (b,) or t_hi.shape != (b,):
     raise ValueError(f"t_lo and t_hi must have shape ({b},), got {t_lo.shape}, {t_hi.shape}")
-  z = prepare_latents(latents, "NHWC", config)
-  if z.shape[1:3] != x0.shape[1:3]:
-    raise ValueError(f"latents {tuple(latents.shape)} are not 1/8 of images {x0.shape}")
-  keys = None
-  if dropout_key is not None:
-    keys = dropout_key if dropout_key.ndim == 1 else jax.random.split(dropout_key, b)
-
-  def noisy(t):
-    coef = lambda table: jnp.asarray(table)[t][:, None, None, None]
-    return coef(TABLES.sqrt_alphas_cumprod) * x0 + coef(TABLES.sqrt_one_minus_alphas_cumprod) * eps
-
-  run = lambda p, t: denoise(p, noisy(t), t, z, config=config, dropout_keys=keys, remat=remat)
+  run = lambda p, t: denoise(p, _noisy(x0, eps, t), t, z, config=config, dropout_keys=keys,
+                             remat=remat)
   student = run(params, t_hi)
   boundary = t_lo == VIRTUAL_LEVEL
   # The teacher runs at t_lo (a clipped stand-in on boundary pairs, whose result is unused).
@@ -107,3 +92,43 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
   # sqrt(n + c^2) - c, written as n / (sqrt(n + c^2) + c): the same value without float32
   # cancellation when the error norm is far below c.
   return weight * norm2 / (jnp.sqrt(norm2 + c * c) + c)
+
+
+def denoising_loss(params, images, latents, t, noise, *, config: UNetConfig, dropout_key=None,
+                   remat: bool = False) -> jax.Array:
+  """Per-example denoising losses, float32 (B,): stage 1 of a new decoder (TRAINING.md
+  section 2), `lambda(sigma_t) mean((D(x_t, t; z) - x0)^2)` with EDM's weight
+  lambda = (sigma^2 + sd^2) / (sigma sd)^2, sd = 0.5: the target is the clean image.
+  Arguments as `consistency_loss`, with one timestep `t` (B,) per example."""
+  params, x0, eps, z, keys = _checked(params, images, latents, noise, config, dropout_key)
+  t = jnp.asarray(t, jnp.int32)
+  if t.shape != (x0.shape[0],):
+    raise ValueError(f"t must have shape ({x0.shape[0]},), got {t.shape}")
+  out = denoise(params, _noisy(x0, eps, t), t, z, config=config, dropout_keys=keys, remat=remat)
+  sigma = jnp.asarray(SIGMAS, jnp.float32)[t]
+  weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+  return weight * jnp.mean(jnp.square(out - x0), axis=(1, 2, 3))
+
+
+def _checked(params, images, latents, noise, config, dropout_key):
+  """The arguments both losses share, checked: (params, x0, eps, z, per-example dropout
+  keys or None)."""
+  params = unwrap_variables(params)
+  x0 = jnp.asarray(images, jnp.float32)
+  eps = jnp.asarray(noise, jnp.float32)
+  if x0.ndim != 4 or x0.shape[-1] != 3 or eps.shape != x0.shape:
+    raise ValueError(f"images must be (B, H, W, 3) NHWC and noise shaped like them; got"
+                     f" {x0.shape} and {eps.shape}")
+  z = prepare_latents(latents, "NHWC", config)
+  if z.shape[1:3] != x0.shape[1:3]:
+    raise ValueError(f"latents {tuple(latents.shape)} are not 1/8 of images {x0.shape}")
+  keys = None
+  if dropout_key is not None:
+    keys = dropout_key if dropout_key.ndim == 1 else jax.random.split(dropout_key, x0.shape[0])
+  return params, x0, eps, z, keys
+
+
+def _noisy(x0, eps, t):
+  """x_t = sqrt(acp[t]) x0 + sqrt(1 - acp[t]) eps, per example."""
+  coef = lambda table: jnp.asarray(table)[t][:, None, None, None]
+  return coef(TABLES.sqrt_alphas_cumprod) * x0 + coef(TABLES.sqrt_one_minus_alphas_cumprod) * eps

@@ -102,3 +102,18 @@ def curriculum_delta(step: int, total_steps: int, curriculum: Sequence[int]) -> 
   of the run (stage k from step k * total / len on)."""
   stages = len(curriculum)
   return int(curriculum[min(step * stages // max(total_steps, 1), stages - 1)])
+
+
+def snap_to_table(log_sigma: jax.Array) -> jax.Array:
+  """The timestep whose noise level is nearest to exp(log_sigma), nearest in log sigma
+  (int32, in [0, 1023]); the table's sigmas increase strictly, so this is a search."""
+  log_table = jnp.asarray(np.log(SIGMAS), jnp.float32)
+  midpoints = (log_table[1:] + log_table[:-1]) / 2
+  return jnp.searchsorted(midpoints, log_sigma).astype(jnp.int32)
+
+
+def draw_levels(keys: jax.Array) -> jax.Array:
+  """Denoising pre-training's levels: sigma from the lognormal (P_MEAN, P_STD), snapped to
+  the table (TRAINING.md section 2, stage 1). One timestep per key."""
+  log_sigma = jax.vmap(lambda k: P_MEAN + P_STD * jax.random.normal(k))(keys.reshape(-1))
+  return snap_to_table(log_sigma).reshape(keys.shape)

@@ -7,3 +7,4 @@ TENSORBOARD = "tensorboard"
 SAMPLES = "samples"
 MODEL = "model"
 FAILURES = "failures.json"
+LOCK = ".lock"        # held by the running trainer: one trainer per run folder

@@ -22,10 +22,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.models.vae import VAE, posterior
-from jaxconsdec.training.loss import consistency_loss
-from jaxconsdec.training.pairs import draw_from_table, pair_count, pair_table
+from jaxconsdec.training.loss import consistency_loss, denoising_loss
+from jaxconsdec.training.pairs import draw_from_table, draw_levels, pair_count, pair_table
 
 DATA_AXIS = "data"
+# "consistency": consistency training (the decoder's objective). "denoising": stage 1 of a
+# new decoder, denoising pre-training towards the clean image (TRAINING.md section 2).
+OBJECTIVES = ("consistency", "denoising")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,8 @@ def encode_mean(vae_params, images: jax.Array, vae_config: VAEConfig) -> jax.Arr
 
 
 def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfig,
-          vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool):
+          vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
+          objective: str):
   images = pixels.astype(jnp.float32) / 127.5 - 1.0
   b = images.shape[0]
   pair_keys, noise_keys, dropout_keys = example_streams(seed, first, b)
@@ -91,9 +95,16 @@ def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfi
   latents = encode_mean(vae_params, images, vae_config)
   dropout = dropout_keys if config.dropout else None
 
+  if objective == "denoising":
+    t_lo = t_hi = draw_levels(pair_keys)
+
   def batch_loss(params):
-    losses = consistency_loss(params, images, latents, t_lo, t_hi, noise, config=config,
+    if objective == "denoising":
+      losses = denoising_loss(params, images, latents, t_hi, noise, config=config,
                               dropout_key=dropout, remat=remat)
+    else:
+      losses = consistency_loss(params, images, latents, t_lo, t_hi, noise, config=config,
+                                dropout_key=dropout, remat=remat)
     return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(batch_loss)(state["params"])
@@ -120,7 +131,10 @@ class TrainStep:
   """
 
   def __init__(self, config: UNetConfig, vae_config: VAEConfig, optimization: Optimization,
-               *, seed: int, deltas=(16,), remat: bool = False, devices=None):
+               *, seed: int, deltas=(16,), remat: bool = False, objective: str = "consistency",
+               devices=None):
+    if objective not in OBJECTIVES:
+      raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -129,7 +143,8 @@ class TrainStep:
     self._tables = {d: pair_table(d, pairs) for d in deltas}
     self.program = jax.jit(
         functools.partial(_step, config=config, vae_config=vae_config,
-                          optimization=optimization, seed=seed, remat=remat),
+                          optimization=optimization, seed=seed, remat=remat,
+                          objective=objective),
         in_shardings=(self.replicated, self.replicated, self.batch_sharding, None, None, None),
         out_shardings=(self.replicated, self.replicated))
 
@@ -149,9 +164,13 @@ class TrainStep:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         self.replicated, np.asarray(x)), tree)
 
+  def tables(self, delta: int) -> tuple[np.ndarray, np.ndarray]:
+    """The program's pair-law arguments for grid spacing `delta`."""
+    return self._tables[delta]
+
   def __call__(self, state, vae_params, local_pixels: np.ndarray, first: int, delta: int):
     pixels = jax.make_array_from_process_local_data(self.batch_sharding, local_pixels)
-    return self.program(state, vae_params, pixels, jnp.int32(first), *self._tables[delta])
+    return self.program(state, vae_params, pixels, jnp.int32(first), *self.tables(delta))
 
 
 def local_copy(tree):

@@ -1,0 +1,284 @@
+"""One consistency-training step of the released widths: jaxconsdec against the same step
+written with PyTorch on diffusers' UNet2DModel, and the compiled memory of a step.
+
+The step (both sides): student forward and backward at t_hi, teacher forward at t_lo without
+gradients, the pseudo-Huber loss of TRAINING.md, Adam. The two frameworks cannot both hold a
+621M-parameter model with its Adam state in 24 GB, so they alternate by *process*: round r
+runs jaxconsdec for --steps steps in one process, then torch in another (JAX reuses its
+compiled program from a persistent cache after the first round). The first step of each
+process is a warm-up and not counted. Reported: median seconds per step of each, the ratio
+jaxconsdec/torch of the medians, and the spread of the per-round ratios.
+
+Memory: XLA's compiled memory (arguments, outputs, temporaries) of the whole trainer step
+(`jaxconsdec.training.step.TrainStep`, with the frozen SD encoder) at 256x256, batch 1 and
+8, with and without rematerialised ResBlocks. Compiling only; nothing runs.
+
+Throughput (the GPU check): the whole trainer step (encoder, pair draws, loss, Adam, EMA)
+of the released widths on the default device: images/s, and MFU = FLOPs by XLA's cost
+analysis (TRAINING.md's estimate, ~4 UNet forwards = 34 TFLOP per 256x256 example, beside
+it) over the time, over the peak of a large matmul measured on the same device.
+
+  python benchmarks/train_speed.py speed --size 64 --batch 1 --rounds 3 --steps 3
+  python benchmarks/train_speed.py memory --size 256 --batches 1,8
+  python benchmarks/train_speed.py throughput --size 256 --batch 8 --dtype bfloat16
+Writes benchmarks/results/train_speed_cpu.json / train_memory_cpu.json /
+train_throughput_<backend>.json (and .md).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+T_LO, T_HI = 496, 512  # a released-grid pair: the teacher runs
+TFLOP_PER_EXAMPLE_256 = 34.0  # TRAINING.md: ~4 UNet forwards per 256x256 example
+
+
+def _inputs(batch, size):
+  rng = np.random.default_rng(0)
+  x0 = np.clip(rng.standard_normal((batch, size, size, 3)) * 0.5, -1, 1).astype(np.float32)
+  lat = (rng.standard_normal((batch, size // 8, size // 8, 4)) * 4).astype(np.float32)
+  eps = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+  return x0, lat, eps
+
+
+def jax_worker(args):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import jaxconsdec as jcd
+  from jaxconsdec.training.step import Optimization
+  jax.config.update("jax_compilation_cache_dir", args.cache)
+  cfg = jcd.CONSISTENCY_DECODER
+  params = jcd.random_params(cfg, seed=0)
+  tx = Optimization(lr=1e-5, warmup_steps=1).optimizer()
+  opt_state = tx.init(params)
+  x0, lat, eps = _inputs(args.batch, args.size)
+  t_lo, t_hi = np.full(args.batch, T_LO), np.full(args.batch, T_HI)
+
+  def update(params, opt_state, x0, lat, eps):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jcd.consistency_loss(
+        p, x0, lat, t_lo, t_hi, eps, config=cfg)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  step = jax.jit(update, donate_argnums=(0, 1))  # the state is updated in place, as torch's
+
+  times = []
+  for _ in range(args.steps + 1):
+    start = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, x0, lat, eps)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - start)
+  return times[1:], float(loss)
+
+
+def torch_worker(args):
+  import torch
+  from diffusers.schedulers.scheduling_consistency_decoder import ConsistencyDecoderScheduler
+  sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+  from reference import nchw, unet2d_kwargs
+  import jaxconsdec as jcd
+  from diffusers import UNet2DModel
+  torch.manual_seed(0)
+  unet = UNet2DModel(**unet2d_kwargs(jcd.CONSISTENCY_DECODER)).train()
+  opt = torch.optim.Adam(unet.parameters(), lr=1e-5, betas=(0.9, 0.99), eps=1e-8)
+  s = ConsistencyDecoderScheduler()
+  x0, lat, eps = (nchw(a) for a in _inputs(args.batch, args.size))
+  z = lat.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+  c = 0.00054 * (3 * args.size * args.size) ** 0.5
+  sigma = lambda t: float((1 / s.sqrt_alphas_cumprod[t] ** 2 - 1) ** 0.5)
+  t_lo, t_hi = torch.full((args.batch,), T_LO), torch.full((args.batch,), T_HI)
+
+  def denoise(t, tt):
+    x = s.sqrt_alphas_cumprod[t] * x0 + s.sqrt_one_minus_alphas_cumprod[t] * eps
+    out = unet(torch.cat([s.c_in[t] * x, z], dim=1), tt).sample
+    return s.c_skip[t] * x + s.c_out[t] * out[:, :3]
+
+  times = []
+  for _ in range(args.steps + 1):
+    start = time.perf_counter()
+    with torch.no_grad():
+      teacher = denoise(T_LO, t_lo)
+    student = denoise(T_HI, t_hi)
+    norm2 = ((student - teacher) ** 2).sum(dim=(1, 2, 3))
+    loss = ((torch.sqrt(norm2 + c * c) - c) / (sigma(T_HI) - sigma(T_LO))).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    times.append(time.perf_counter() - start)
+  return times[1:], float(loss)
+
+
+def speed(args):
+  rows = {"jaxconsdec": [], "torch": []}
+  ratios = []
+  with tempfile.TemporaryDirectory() as cache:
+    for r in range(args.rounds):
+      medians = {}
+      for name in ("jaxconsdec", "torch"):
+        cmd = [sys.executable, __file__, "worker", name, "--size", str(args.size), "--batch",
+               str(args.batch), "--steps", str(args.steps), "--cache", cache]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        times = json.loads(out.strip().splitlines()[-1])["times"]
+        rows[name] += times
+        medians[name] = statistics.median(times)
+        print(f"round {r}: {name} {', '.join(f'{t:.2f}' for t in times)} s/step", flush=True)
+      ratios.append(medians["jaxconsdec"] / medians["torch"])
+  jax_s, torch_s = statistics.median(rows["jaxconsdec"]), statistics.median(rows["torch"])
+  result = {
+      "machine": _machine(), "size": args.size, "batch": args.batch, "rounds": args.rounds,
+      "steps_per_round": args.steps, "seconds_per_step": rows,
+      "median_jaxconsdec_s": jax_s, "median_torch_s": torch_s,
+      "ratio_of_medians": jax_s / torch_s, "round_ratios": ratios,
+      "spread": [min(ratios), max(ratios)],
+  }
+  table = ("| released widths, fp32 | size | batch | jaxconsdec s/step | torch s/step |"
+           " ratio (median) | per-round ratios |\n|---|---|---|---|---|---|---|\n"
+           f"| {_machine()['cpu']} | {args.size}² | {args.batch} | {jax_s:.2f} | {torch_s:.2f} |"
+           f" {jax_s / torch_s:.3f} | {min(ratios):.3f}-{max(ratios):.3f} |\n")
+  _write(args.out or os.path.join(RESULTS, "train_speed_cpu"), result, table)
+
+
+def memory(args):
+  import jax
+  import jaxconsdec as jcd
+  from jaxconsdec.training.step import Optimization, TrainStep, init_state
+  rows = []
+  params = jcd.abstract_params(jcd.CONSISTENCY_DECODER)
+  vae = jcd.abstract_params(jcd.SD_VAE, halves=("encoder",))
+  opt = Optimization()
+  state = jax.eval_shape(lambda p: init_state(p, opt), params)
+  for batch in (int(b) for b in args.batches.split(",")):
+    for remat in (False, True):
+      step = TrainStep(jcd.CONSISTENCY_DECODER, jcd.SD_VAE, opt, seed=0, remat=remat,
+                       devices=jax.devices()[:1])
+      pixels = jax.ShapeDtypeStruct((batch, args.size, args.size, 3), np.uint8,
+                                    sharding=step.batch_sharding)
+      levels, logits = step.tables(16)
+      start = time.perf_counter()
+      compiled = step.program.lower(state, vae, pixels, np.int32(0), levels, logits).compile()
+      seconds = time.perf_counter() - start
+      m = compiled.memory_analysis()
+      gib = lambda n: n / 2 ** 30
+      row = {"size": args.size, "batch": batch, "remat": remat,
+             "arguments_gib": gib(m.argument_size_in_bytes),
+             "outputs_gib": gib(m.output_size_in_bytes),
+             "temporaries_gib": gib(m.temp_size_in_bytes),
+             "total_gib": gib(m.argument_size_in_bytes + m.output_size_in_bytes
+                              + m.temp_size_in_bytes - m.alias_size_in_bytes),
+             "compile_s": seconds}
+      rows.append(row)
+      print(row, flush=True)
+  table = ("| size | batch | remat | arguments GiB | outputs GiB | temporaries GiB | total GiB |\n"
+           "|---|---|---|---|---|---|---|\n" + "".join(
+               f"| {r['size']}² | {r['batch']} | {'yes' if r['remat'] else 'no'} |"
+               f" {r['arguments_gib']:.2f} | {r['outputs_gib']:.2f} |"
+               f" {r['temporaries_gib']:.2f} | {r['total_gib']:.2f} |\n" for r in rows))
+  _write(args.out or os.path.join(RESULTS, "train_memory_cpu"),
+         {"machine": _machine(), "backend": jax.default_backend(), "rows": rows}, table)
+
+
+def throughput(args):
+  import jax
+  import jaxconsdec as jcd
+  from jaxconsdec.training.step import Optimization, TrainStep, init_state
+  sys.path.insert(0, HERE)
+  from timing import best_seconds, matmul_peak, xla_flops
+  cfg = (jcd.TINY if args.tiny else jcd.CONSISTENCY_DECODER).replace(dtype=args.dtype)
+  vae_cfg = jcd.TINY_VAE if args.tiny else jcd.SD_VAE
+  opt = Optimization()
+  step = TrainStep(cfg, vae_cfg, opt, seed=0, remat=args.remat, devices=jax.devices()[:1])
+  state = step.replicate(init_state(jcd.random_params(cfg, 0), opt))
+  vae = step.replicate(jcd.random_params(vae_cfg, 0, halves=("encoder",)))
+  pixels = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3),
+                                             dtype=np.uint8)
+  levels, logits = step.tables(16)
+  start = time.perf_counter()
+  compiled = step.program.lower(state, vae, jax.device_put(pixels, step.batch_sharding),
+                                np.int32(0), levels, logits).compile()
+  compile_s = time.perf_counter() - start
+  flops = xla_flops(compiled)
+  holder = {"state": state}
+
+  def one():
+    holder["state"], metrics = step(holder["state"], vae, pixels, 0, 16)
+    jax.block_until_ready(metrics["loss"])
+  seconds = best_seconds(one, args.repeats)
+  peak = matmul_peak(args.dtype)
+  spec = TFLOP_PER_EXAMPLE_256 * 1e12 * (args.size / 256) ** 2 * args.batch
+  result = {"machine": _machine(), "device": jax.devices()[0].device_kind,
+            "backend": jax.default_backend(), "size": args.size, "batch": args.batch,
+            "dtype": args.dtype, "remat": args.remat, "tiny": args.tiny,
+            "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
+            "compile_s": compile_s, "xla_tflop": (flops or 0) / 1e12,
+            "training_md_tflop": spec / 1e12, "matmul_peak_tflops": peak / 1e12,
+            "mfu": (flops or spec) / seconds / peak}
+  table = ("| device | size | batch | dtype | remat | s/step | images/s | XLA TFLOP |"
+           " TRAINING.md TFLOP | MFU |\n|---|---|---|---|---|---|---|---|---|---|\n"
+           f"| {result['device']} | {args.size}² | {args.batch} | {args.dtype} |"
+           f" {'yes' if args.remat else 'no'} | {seconds:.3f} | {args.batch / seconds:.2f} |"
+           f" {result['xla_tflop']:.1f} | {spec / 1e12:.1f} | {100 * result['mfu']:.0f}% |\n")
+  _write(args.out or os.path.join(RESULTS, f"train_throughput_{jax.default_backend()}"), result,
+         table)
+
+
+def _machine():
+  return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "python": platform.python_version()}
+
+
+def _write(stem, result, table):
+  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  with open(stem + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  with open(stem + ".md", "w") as f:
+    f.write(table)
+  print(table)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  sub = parser.add_subparsers(dest="mode", required=True)
+  sp = sub.add_parser("speed")
+  sp.add_argument("--size", type=int, default=64)
+  sp.add_argument("--batch", type=int, default=1)
+  sp.add_argument("--rounds", type=int, default=3)
+  sp.add_argument("--steps", type=int, default=3)
+  sp.add_argument("--out")
+  mem = sub.add_parser("memory")
+  mem.add_argument("--size", type=int, default=256)
+  mem.add_argument("--batches", default="1,8")
+  mem.add_argument("--out")
+  tp = sub.add_parser("throughput")
+  tp.add_argument("--size", type=int, default=256)
+  tp.add_argument("--batch", type=int, default=8)
+  tp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  tp.add_argument("--remat", action="store_true")
+  tp.add_argument("--tiny", action="store_true", help="tiny widths (a dry run)")
+  tp.add_argument("--repeats", type=int, default=5)
+  tp.add_argument("--out")
+  w = sub.add_parser("worker")
+  w.add_argument("name", choices=("jaxconsdec", "torch"))
+  w.add_argument("--size", type=int)
+  w.add_argument("--batch", type=int)
+  w.add_argument("--steps", type=int)
+  w.add_argument("--cache")
+  args = parser.parse_args()
+  if args.mode == "worker":
+    times, loss = (jax_worker if args.name == "jaxconsdec" else torch_worker)(args)
+    print(json.dumps({"times": times, "loss": loss}))
+  else:
+    {"speed": speed, "memory": memory, "throughput": throughput}[args.mode](args)
+
+
+if __name__ == "__main__":
+  main()
