@@ -282,7 +282,7 @@ def _train(args: argparse.Namespace) -> int:
   def load_models():
     if scratch:
       config = _config_arg(args.config).replace(dropout=args.dropout)
-      params, init = jcd.random_params(config, seed=args.seed), f"random-init:{args.config}"
+      params, init = None, f"random-init:{args.config}"  # initialised for the VAE's latents
     else:
       if args.dropout:
         raise UsageError("--dropout is for training from scratch; a fine-tuned decoder keeps"

@@ -43,6 +43,7 @@ from jaxconsdec.jobs.evaluate import side_by_side
 from jaxconsdec.jobs.inputs import Failure
 from jaxconsdec.metrics import psnr
 from jaxconsdec.sampler import decode
+from jaxconsdec.weights import random_params
 from jaxconsdec.training import data, latent_stats
 from jaxconsdec.training.pairs import FINE_TUNE_CURRICULUM, check_delta, curriculum_delta
 from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, LOCK, METRICS, MODEL, RUN,
@@ -110,8 +111,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           log=sys.stderr) -> RunReport:
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 
-  params/config: the decoder to start from (`from_scratch`: its latent statistics are
-  measured over the images). vae_params: the frozen VAE (its encoder half is used).
+  params/config: the decoder to start from; from scratch (`from_scratch`), params are None
+  and initialised from `seed` once the config has taken the VAE's latent space (channels,
+  factors, and statistics measured over the images). vae_params: the frozen VAE (its encoder half is used).
   identities: what names the init weights and the VAE by content (recorded in run.json).
   stop: set it to stop at the next step boundary (saving a checkpoint first).
   strict: refuse to start if any image is unusable (else they are left out and listed).
@@ -145,6 +147,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     config = UNetConfig.from_json(json.dumps(stored["config"]))
   elif from_scratch:
     config = _fit_latent_space(config, vae_params, vae_config, listing.items, settings, log)
+  if params is None:  # from scratch: initialised for the latent space now known
+    params = random_params(config, seed=settings.seed)
   config = config.replace(dtype=settings.compute_dtype)
   if lead and stored is None:
     os.makedirs(run_dir, exist_ok=True)
