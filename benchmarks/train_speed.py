@@ -70,7 +70,8 @@ def jax_worker(args):
         p, x0, lat, t_lo, t_hi, eps, config=cfg)))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  step = jax.jit(update, donate_argnums=(0, 1))  # the state is updated in place, as torch's
+  # The state is updated in place, as torch's; XLA:CPU options as every jaxconsdec program.
+  step = jax.jit(update, donate_argnums=(0, 1), compiler_options=jcd.compiler_options())
 
   times = []
   for _ in range(args.steps + 1):

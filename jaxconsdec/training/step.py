@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.xla_options import compiler_options
 from jaxconsdec.models.vae import VAE, posterior
 from jaxconsdec.training.loss import consistency_loss, denoising_loss
 from jaxconsdec.training.pairs import draw_from_table, draw_levels, pair_count, pair_table
@@ -146,7 +147,8 @@ class TrainStep:
                           optimization=optimization, seed=seed, remat=remat,
                           objective=objective),
         in_shardings=(self.replicated, self.replicated, self.batch_sharding, None, None, None),
-        out_shardings=(self.replicated, self.replicated))
+        out_shardings=(self.replicated, self.replicated),
+        compiler_options=compiler_options(self.mesh.devices.flat[0].platform))
 
   @property
   def num_devices(self) -> int:
