@@ -30,14 +30,14 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
 from jaxconsdec import checkpoint, multihost
 from jaxconsdec.config import UNetConfig, VAEConfig
-from jaxconsdec.files import make_dirs_inside, write_atomic
+from jaxconsdec.autoencoder import encode, encoder_half
+from jaxconsdec.files import make_dirs_inside, read_json_object, write_atomic
 from jaxconsdec.images import encode_png, to_uint8
 from jaxconsdec.jobs.evaluate import side_by_side
 from jaxconsdec.jobs.inputs import Failure
@@ -48,8 +48,7 @@ from jaxconsdec.training import data, latent_stats
 from jaxconsdec.training.pairs import FINE_TUNE_CURRICULUM, check_delta, curriculum_delta
 from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, LOCK, METRICS, MODEL, RUN,
                                            SAMPLES, TENSORBOARD)
-from jaxconsdec.training.step import (OBJECTIVES, Optimization, TrainStep, encode_mean,
-                                      init_state, local_copy)
+from jaxconsdec.training.step import OBJECTIVES, Optimization, TrainStep, init_state, local_copy
 
 EVAL_SCHEDULES = {"1 step": (1.0,), "2 steps": (1.0, 0.5)}
 
@@ -105,21 +104,22 @@ class RunReport:
 
 
 def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
-          config: UNetConfig, vae_params, vae_config: VAEConfig, vae_halves=("encoder",),
-          from_scratch: bool, identities: dict, eval_inputs: Sequence[str] = (),
+          config: UNetConfig, vae_params, vae_config: VAEConfig, from_scratch: bool, identities: dict, eval_inputs: Sequence[str] = (),
           progress: bool = True, stop: Optional[threading.Event] = None, strict: bool = False,
           log=sys.stderr) -> RunReport:
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 
   params/config: the decoder to start from; from scratch (`from_scratch`), params are None
   and initialised from `seed` once the config has taken the VAE's latent space (channels,
-  factors, and statistics measured over the images). vae_params: the frozen VAE (its encoder half is used).
+  factors, and statistics measured over the images).
+  vae_params: the frozen VAE (its encoder half is used, and exported with the model).
   identities: what names the init weights and the VAE by content (recorded in run.json).
   stop: set it to stop at the next step boundary (saving a checkpoint first).
   strict: refuse to start if any image is unusable (else they are left out and listed).
   """
   lead = jax.process_index() == 0
   run_dir = os.path.abspath(run_dir)
+  encoder = encoder_half(vae_params, vae_config)
   listing = data.list_training_images(inputs, settings.resolution, settings.max_pixels)
   _check_same_everywhere([(i.path, i.original) for i in listing.items], "training images")
   if strict and listing.failures:
@@ -146,7 +146,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   if stored is not None:
     config = UNetConfig.from_json(json.dumps(stored["config"]))
   elif from_scratch:
-    config = _fit_latent_space(config, vae_params, vae_config, listing.items, settings, log)
+    config = _fit_latent_space(config, encoder, vae_config, listing.items, settings, log)
   if params is None:  # from scratch: initialised for the latent space now known
     params = random_params(config, seed=settings.seed)
   config = config.replace(dtype=settings.compute_dtype)
@@ -160,8 +160,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                       deltas=settings.curriculum, remat=settings.remat,
                       objective=settings.objective)
   step_fn.check_batch_size(settings.batch_size)
-  vae_encoder = step_fn.replicate({k: v for k, v in vae_params.items()
-                                   if k in ("encoder", "quant_conv")})
+  vae_encoder = step_fn.replicate(encoder)
   manager = ocp.CheckpointManager(
       os.path.join(run_dir, CHECKPOINTS),
       options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep,
@@ -183,8 +182,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   metrics = _MetricsLog(run_dir, start, lead)
   report = RunReport(steps_done=start, resumed_from=start, failures=listing.failures,
                      model_dir=os.path.join(run_dir, MODEL))
-  evaluator = _Evaluator(eval_items, settings, config, vae_encoder, vae_config, run_dir,
-                         lead)
+  evaluator = _Evaluator(eval_items, settings, config, encoder, vae_config, run_dir, lead)
   if start == 0:
     report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
 
@@ -228,8 +226,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     metrics.close()
   report.steps_done = step
   if not report.stopped:
-    _export(report.model_dir, state["ema"], config, vae_params, vae_config, vae_halves,
-            identity, step, lead)
+    _export(report.model_dir, state["ema"], config, encoder, vae_config, identity, step, lead)
     if lead:
       _write_failures(run_dir, listing.failures)
   if lock is not None:
@@ -272,7 +269,6 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
       raise TrainingSetupError(f"{folder} is not empty and holds no {RUN}: give"
                                " --out a new folder, or the folder of the run to resume")
     return None
-  from jaxconsdec.files import read_json_object
   stored = read_json_object(path)
   diffs = [k for k in identity if stored.get(k) != identity[k]]
   if diffs:
@@ -282,15 +278,14 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
   return stored
 
 
-def _fit_latent_space(config: UNetConfig, vae_params, vae_config: VAEConfig, items,
+def _fit_latent_space(config: UNetConfig, encoder, vae_config: VAEConfig, items,
                       settings: RunSettings, log) -> UNetConfig:
   """A decoder trained from scratch decodes the VAE's latent space: its channels, scale and
   shift, and per-channel statistics measured over the training images (Welford)."""
-  encoder = jax.jit(lambda p, x: encode_mean(p, x, vae_config))
 
   def latents_of(indices):
     crops = [data.center_crop(data.read_pixels(items[i]), settings.resolution) for i in indices]
-    return encoder(vae_params, np.stack(crops).astype(np.float32) / 127.5 - 1.0)
+    return encode(encoder, np.stack(crops), config=vae_config, layout="NHWC")
 
   mean, std = latent_stats.measure(len(items), latents_of, vae_config.latent_channels,
                                    vae_config.scaling_factor, vae_config.shift_factor)
@@ -316,14 +311,12 @@ class _Evaluator:
   """PSNR of 1- and 2-step decodes (EMA params) of the evaluation crops, and their grid PNG.
   Every process computes it on its first device (it is small); process 0 writes."""
 
-  def __init__(self, items, settings: RunSettings, config, vae_encoder, vae_config, run_dir,
+  def __init__(self, items, settings: RunSettings, config, encoder, vae_config, run_dir,
                lead):
     self.pixels = np.stack([data.center_crop(data.read_pixels(i), settings.resolution)
                             for i in items])
     self.config, self.run_dir, self.lead, self.seed = config, run_dir, lead, settings.seed
-    images = jnp.asarray(self.pixels, jnp.float32) / 127.5 - 1.0
-    self.latents = jax.jit(encode_mean, static_argnums=2)(local_copy(vae_encoder), images,
-                                                          vae_config)
+    self.latents = encode(encoder, self.pixels, config=vae_config, layout="NHWC")
 
   def __call__(self, ema, step: int) -> dict:
     params = local_copy(ema)
@@ -385,9 +378,9 @@ class _MetricsLog:
       self.writer.close()
 
 
-def _export(model_dir, ema, config, vae_params, vae_config, vae_halves, identity, step, lead):
+def _export(model_dir, ema, config, encoder, vae_config, identity, step, lead):
   params = jax.device_get(local_copy(ema))
-  vae = {k: v for k, v in jax.device_get(vae_params).items() if k in ("encoder", "quant_conv")}
+  vae = jax.device_get(encoder)
   if lead:
     checkpoint.save(model_dir, params, config.replace(dtype="float32"),
                     {"trained_by": "jaxconsdec train", "step": step, "run": identity},
