@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.xla_options import compiler_options
-from jaxconsdec.models.vae import VAE, posterior
+from jaxconsdec.autoencoder import nested_encode
 from jaxconsdec.training.loss import consistency_loss, denoising_loss
 from jaxconsdec.training.pairs import draw_from_table, draw_levels, pair_count, pair_table
 
@@ -79,12 +79,6 @@ def example_streams(seed: int, first: jax.Array, count: int):
   return split[:, 0], split[:, 1], split[:, 2]
 
 
-def encode_mean(vae_params, images: jax.Array, vae_config: VAEConfig) -> jax.Array:
-  """The frozen encoder's posterior mean of NHWC images in [-1, 1]: raw latents, NHWC."""
-  moments = VAE(vae_config).apply({"params": vae_params}, images, method=VAE.encode_moments)
-  return jax.lax.stop_gradient(posterior(moments, vae_config.latent_channels)[0])
-
-
 def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfig,
           vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
           objective: str):
@@ -93,7 +87,9 @@ def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfi
   pair_keys, noise_keys, dropout_keys = example_streams(seed, first, b)
   t_lo, t_hi = draw_from_table(pair_keys, levels, logits)
   noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], jnp.float32))(noise_keys)
-  latents = encode_mean(vae_params, images, vae_config)
+  # The frozen encoder's posterior mean (raw latents, NHWC), the program `encode` runs.
+  latents = jax.lax.stop_gradient(nested_encode(vae_params, pixels, None, config=vae_config,
+                                                layout="NHWC"))
   dropout = dropout_keys if config.dropout else None
 
   if objective == "denoising":
