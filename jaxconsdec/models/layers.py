@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxconsdec.models.conv import conv2d
+
 
 def conv(features: int, kernel: int, name: Optional[str], cfg: Any, dtype=None, stride: int = 1,
          padding=None) -> nn.Conv:
@@ -21,7 +23,7 @@ def conv(features: int, kernel: int, name: Optional[str], cfg: Any, dtype=None, 
       features, (kernel, kernel), strides=stride,
       padding=kernel // 2 if padding is None else padding, name=name,
       dtype=dtype or cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-      precision=cfg.matmul_precision)
+      precision=cfg.matmul_precision, conv_general_dilated=conv2d)
 
 
 def dense(features: int, name: str, cfg: Any, dtype=None) -> nn.Dense:
@@ -86,7 +88,7 @@ class UpsampledConv(nn.Module):
       phases = []
       for b in range(2):
         k = _phase_kernel(wide, a, b)
-        phases.append(jax.lax.conv_general_dilated(
+        phases.append(conv2d(
             x, k.astype(self.dtype), (1, 1), (_PHASE_PADDING[a], _PHASE_PADDING[b]),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision))
       rows.append(jnp.stack(phases, axis=3))        # (B, H, W, 2: column phase, out)

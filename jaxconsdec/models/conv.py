@@ -1,0 +1,153 @@
+"""The convolution every layer of the UNet and the VAE runs: XLA's own forward, and on CPU a
+backward pass written as two matrix products where XLA's is slow.
+
+Why. XLA:CPU computes a convolution's input gradient as a convolution with the kernel
+reversed and its in/out axes swapped, and it materialises that transposed kernel on every
+call; its kernel gradient comes out as (in, kh, kw, out) and is transposed again. Where the
+activations are smaller than the kernel (the UNet's 16x16 and 8x8 levels at a 64x64 crop,
+1024 channels: a 38 MB kernel against a 1 MB activation) those copies, not the arithmetic, are
+the cost: the input gradient runs at 20-75 GFLOP/s where the forward runs at 150-200
+(`benchmarks/conv_kernels.py backward`). Written as matrix products that read the kernel
+where it lies, the same gradients run at 130-175 GFLOP/s.
+
+With K the kernel as a (kh*kw*in, out) matrix (its row-major layout, so no copy), P the
+input's patches (B*Ho*Wo, kh*kw*in) ("im2col") and G the output gradient (B*Ho*Wo, out):
+
+  dK = P^T G                       one product, already in the kernel's (kh, kw, in, out) order
+  dX = col2im(K G^T)               one product; col2im adds each tap's rows back at its offset
+
+P and K G^T hold kh*kw values per input pixel, so this is only used where that is small next
+to the kernel (B*Ho*Wo <= min(in, out)); larger activations keep XLA's backward, whose
+convolutions are at full speed there. Other platforms always keep XLA's backward (cuDNN and
+the TPU compiler handle these layouts natively). The forward is XLA's convolution on every
+platform, so decoding is unchanged to the bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, window_strides: Sequence[int],
+           padding: Any, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+           feature_group_count: int = 1, batch_group_count: int = 1, precision=None,
+           preferred_element_type=None) -> jax.Array:
+  """`lax.conv_general_dilated` with the signature Flax's `nn.Conv(conv_general_dilated=...)`
+  calls. A stride-1, undilated, ungrouped NHWC/HWIO convolution with explicit padding gets
+  the backward pass of this module's docstring; anything else is XLA's as it is."""
+  plain = (tuple(window_strides) == (1, 1) and not _dilated(lhs_dilation)
+           and not _dilated(rhs_dilation) and feature_group_count == 1
+           and batch_group_count == 1 and preferred_element_type is None
+           and _is_nhwc(dimension_numbers) and not isinstance(padding, str)
+           and all(lo >= 0 and hi >= 0 for lo, hi in padding))
+  if not plain:
+    return lax.conv_general_dilated(
+        x, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv(x, kernel, padding, _precision_key(precision))
+
+
+def _dilated(dilation) -> bool:
+  return dilation is not None and any(d != 1 for d in dilation)
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return dimension_numbers == lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+  return tuple(dimension_numbers) == _NHWC
+
+
+def _precision_key(precision):
+  """custom_vjp's non-differentiable arguments must be hashable; Precision values are."""
+  if precision is None or isinstance(precision, lax.Precision):
+    return precision
+  if isinstance(precision, str):
+    return lax.Precision(precision)
+  return tuple(precision)
+
+
+def _forward(x, kernel, padding, precision):
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, padding, precision):
+  return _forward(x, kernel, padding, precision)
+
+
+def _conv_fwd(x, kernel, padding, precision):
+  return _forward(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv_bwd(padding, precision, residuals, g):
+  x, kernel = residuals
+  input_products, kernel_products = uses_products(kernel.shape, g.shape)
+  if not (input_products and kernel_products):
+    _, pullback = jax.vjp(lambda x, k: _forward(x, k, padding, precision), x, kernel)
+    dx, dk = pullback(g)  # XLA drops whichever of the two is not used
+  if input_products:
+    dx = _input_gradient(kernel, g, x, padding, precision)
+  if kernel_products:
+    dk = _kernel_gradient(x, g, kernel, padding, precision)
+  return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# The largest patch matrix the kernel gradient builds (at a 64x64 crop, batch 1, every level
+# fits; at 256x256 only the 32x32 level does, and the rest keep XLA's convolution).
+PATCHES_MAX_BYTES = 128 * 2 ** 20
+
+
+def uses_products(kernel_shape, out_shape) -> tuple[bool, bool]:
+  """Whether the (input, kernel) gradients of a convolution of these shapes are the matrix
+  products rather than XLA's own: on CPU only; the input gradient where the activations are
+  no larger than the kernel, the kernel gradient where its patch matrix is small."""
+  if jax.default_backend() != "cpu":
+    return False, False
+  kh, kw, cin, cout = kernel_shape
+  pixels = out_shape[0] * out_shape[1] * out_shape[2]
+  return pixels <= min(cin, cout), 4 * pixels * kh * kw * cin <= PATCHES_MAX_BYTES
+
+
+def _kernel_gradient(x, g, kernel, padding, precision):
+  kh, kw, cin, cout = kernel.shape
+  b, ho, wo, _ = g.shape
+  # P^T built directly, (kh*kw*in, B*Ho*Wo) in the kernel's (kh, kw, in) row order, from the
+  # input transposed once to (in, B, H, W), so that the product is a plain one.
+  xt = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), *padding))
+  patches_t = jnp.concatenate(
+      [xt[:, :, a:a + ho, c:c + wo].reshape(cin, b * ho * wo)
+       for a in range(kh) for c in range(kw)], axis=0)
+  dk = jnp.matmul(patches_t, g.reshape(b * ho * wo, cout), precision=precision,
+                  preferred_element_type=jnp.float32)
+  return dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _input_gradient(kernel, g, x, padding, precision):
+  kh, kw, cin, cout = kernel.shape
+  b, ho, wo, _ = g.shape
+  (top, bottom), (left, right) = padding
+  # Row (a, c, i) of K G^T is what input channel i at offset (a, c) from each output pixel
+  # receives; float32, so the kh*kw partial sums add up as the convolution's would.
+  taps = jnp.matmul(kernel.reshape(kh * kw * cin, cout), g.reshape(b * ho * wo, cout).T,
+                    precision=precision, preferred_element_type=jnp.float32)
+  taps = taps.reshape(kh, kw, cin, b, ho, wo)
+  padded = sum(jnp.pad(taps[a, c], ((0, 0), (0, 0), (a, kh - 1 - a), (c, kw - 1 - c)))
+               for a in range(kh) for c in range(kw))          # (in, B, Hp, Wp)
+  h, w = x.shape[1:3]
+  return padded[:, :, top:top + h, left:left + w].transpose(1, 2, 3, 0).astype(x.dtype)

@@ -1,0 +1,79 @@
+"""The convolution the models run (`jaxconsdec.models.conv.conv2d`): its forward is XLA's to
+the bit, and its backward (matrix products on CPU) gives the gradients XLA's own autodiff of
+`lax.conv_general_dilated` gives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxconsdec.models.conv import conv2d, uses_products
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x, k, padding):
+  return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=NHWC,
+                                  precision=lax.Precision.HIGHEST)
+
+
+def _ours(x, k, padding):
+  return conv2d(x, k, (1, 1), padding, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST)
+
+
+def _rel(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# (batch, height, width, in, out, kernel, padding, which gradients are products)
+CASES = [
+    (1, 8, 8, 64, 64, (3, 3), ((1, 1), (1, 1)), (True, True)),     # a small level: both
+    (2, 4, 4, 40, 48, (3, 3), ((1, 1), (1, 1)), (True, True)),     # batch 2, in != out
+    (1, 4, 6, 32, 24, (2, 2), ((1, 0), (0, 1)), (True, True)),     # an UpsampledConv phase
+    (1, 6, 5, 32, 40, (3, 3), ((0, 0), (0, 0)), (True, True)),     # VALID, non-square
+    (1, 5, 5, 32, 40, (1, 1), ((0, 0), (0, 0)), (True, True)),     # a 1x1 shortcut
+    (1, 16, 16, 64, 64, (3, 3), ((1, 1), (1, 1)), (False, True)),  # large: XLA's dx
+]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the products are CPU-only")
+@pytest.mark.parametrize("b,h,w,cin,cout,kernel,padding,paths", CASES)
+def test_gradients_equal_xla_autodiff(b, h, w, cin, cout, kernel, padding, paths):
+  rng = np.random.default_rng(cin + cout + h)
+  x = jnp.asarray(rng.standard_normal((b, h, w, cin)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((*kernel, cin, cout)), jnp.float32)
+  y, pullback = jax.vjp(lambda x, k: _ours(x, k, padding), x, k)
+  want_y, want_pullback = jax.vjp(lambda x, k: _xla_conv(x, k, padding), x, k)
+  assert uses_products(k.shape, y.shape) == paths  # the case tests the path it names
+  np.testing.assert_array_equal(y, want_y)  # the forward is XLA's convolution itself
+  g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  (dx, dk), (want_dx, want_dk) = pullback(g), want_pullback(g)
+  assert dx.shape == x.shape and dk.shape == k.shape
+  assert _rel(dx, want_dx) < 1e-5 and _rel(dk, want_dk) < 1e-5
+
+
+def test_large_activations_and_other_convolutions_keep_xla():
+  assert uses_products((3, 3, 320, 320), (1, 64, 64, 320)) == (False, True)
+  assert uses_products((3, 3, 320, 320), (8, 256, 256, 320)) == (False, False)
+  # strided (the VAE's downsampler) and SAME-padded calls are lax's own, gradients included
+  x = jnp.ones((1, 9, 9, 8))
+  k = jnp.ones((3, 3, 8, 4))
+  for args in (((2, 2), "VALID"), ((1, 1), "SAME")):
+    got = jax.grad(lambda k: conv2d(x, k, *args, dimension_numbers=NHWC).sum())(k)
+    want = jax.grad(lambda k: lax.conv_general_dilated(x, k, *args,
+                                                       dimension_numbers=NHWC).sum())(k)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bfloat16_gradients_keep_their_dtypes():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 4, 4, 32)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((3, 3, 32, 32)), jnp.bfloat16)
+  pad = ((1, 1), (1, 1))
+  dx, dk = jax.grad(lambda x, k: _ours(x, k, pad).astype(jnp.float32).sum(), (0, 1))(x, k)
+  want_dx, want_dk = jax.grad(
+      lambda x, k: _xla_conv(x, k, pad).astype(jnp.float32).sum(), (0, 1))(x, k)
+  assert dx.dtype == dk.dtype == jnp.bfloat16
+  f32 = lambda a: a.astype(jnp.float32)
+  assert _rel(f32(dx), f32(want_dx)) < 1e-2 and _rel(f32(dk), f32(want_dk)) < 1e-2
