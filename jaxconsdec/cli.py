@@ -255,6 +255,8 @@ def _train(args: argparse.Namespace) -> int:
   if bool(args.vae) == bool(args.random_vae):
     raise UsageError("pass the frozen VAE as --vae CKPT (one with an encoder), or --random-vae"
                      " tiny for a randomly initialised small one (tests and demos)")
+  from jaxconsdec import host_memory
+  host_memory.keep_freed_memory()  # before JAX starts its threads: see host_memory
   _start_job_runtime(args)
   import jax
   import jaxconsdec as jcd
