@@ -13,8 +13,9 @@ ratios.
 Each side runs as its trainer runs it: jaxconsdec with the host-memory setting `jaxconsdec
 train` applies first thing (`jaxconsdec/host_memory.py`: freed memory is kept, so a step's
 temporaries are not faulted in afresh every step), torch with its defaults. Since the setting
-is a C-library one that helps any program, a third process per round runs torch under it too,
-and the like-for-like ratio is reported beside the main one.
+is a C-library one that helps any program, each round also runs torch under it and
+jaxconsdec without it; the like-for-like ratios and each step's minor page faults are
+reported beside the main one.
 
 Memory: XLA's compiled memory (arguments, outputs, temporaries) of the whole trainer step
 (`jaxconsdec.training.step.TrainStep`, with the frozen SD encoder) at 256x256, batch 1 and
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,9 +60,19 @@ def _inputs(batch, size):
   return x0, lat, eps
 
 
+def _set_memory(args):
+  """`jaxconsdec train`'s host-memory setting, before the framework starts its threads."""
+  if args.memory == "kept":
+    from jaxconsdec import host_memory
+    assert host_memory.keep_freed_memory()
+
+
+def _minor_faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def jax_worker(args):
-  from jaxconsdec import host_memory
-  host_memory.keep_freed_memory()  # as `jaxconsdec train` does, before JAX starts
+  _set_memory(args)
   import jax
   import jax.numpy as jnp
   import optax
@@ -82,19 +94,18 @@ def jax_worker(args):
   # The state is updated in place, as torch's; XLA:CPU options as every jaxconsdec program.
   step = jax.jit(update, donate_argnums=(0, 1), compiler_options=jcd.compiler_options())
 
-  times = []
+  times, faults = [], []
   for _ in range(args.steps + 1):
-    start = time.perf_counter()
+    start, before = time.perf_counter(), _minor_faults()
     params, opt_state, loss = step(params, opt_state, x0, lat, eps)
     loss.block_until_ready()
     times.append(time.perf_counter() - start)
-  return times[1:], float(loss)
+    faults.append(_minor_faults() - before)
+  return times[1:], faults[1:], float(loss)
 
 
 def torch_worker(args):
-  if args.keep_freed_memory:
-    from jaxconsdec import host_memory
-    host_memory.keep_freed_memory()
+  _set_memory(args)
   import torch
   from diffusers.schedulers.scheduling_consistency_decoder import ConsistencyDecoderScheduler
   sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -116,9 +127,9 @@ def torch_worker(args):
     out = unet(torch.cat([s.c_in[t] * x, z], dim=1), tt).sample
     return s.c_skip[t] * x + s.c_out[t] * out[:, :3]
 
-  times = []
+  times, faults = [], []
   for _ in range(args.steps + 1):
-    start = time.perf_counter()
+    start, before = time.perf_counter(), _minor_faults()
     with torch.no_grad():
       teacher = denoise(T_LO, t_lo)
     student = denoise(T_HI, t_hi)
@@ -129,32 +140,41 @@ def torch_worker(args):
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # as Optimization's clip_norm
     opt.step()
     times.append(time.perf_counter() - start)
-  return times[1:], float(loss)
+    faults.append(_minor_faults() - before)
+  return times[1:], faults[1:], float(loss)
 
 
-# The processes of a round: (series name, worker, extra worker flags).
-SERIES = (("jaxconsdec", "jaxconsdec", ()), ("torch", "torch", ()),
-          ("torch_kept_memory", "torch", ("--keep-freed-memory",)))
+# The processes of a round: (series name, worker, host memory). The main ratio is jaxconsdec
+# as `jaxconsdec train` runs it over torch as torch runs by default; the other two series
+# show what the host-memory setting does on each side.
+SERIES = (("jaxconsdec", "jaxconsdec", "kept"), ("torch", "torch", "default"),
+          ("torch_kept_memory", "torch", "kept"),
+          ("jaxconsdec_default_memory", "jaxconsdec", "default"))
 
 
 def speed(args):
   rows = {name: [] for name, _, _ in SERIES}
+  faults = {name: [] for name, _, _ in SERIES}
   ratios, like_ratios = [], []
   with tempfile.TemporaryDirectory() as cache:
     for r in range(args.rounds):
       medians = {}
-      for name, worker, flags in SERIES:
+      for name, worker, memory in SERIES:
         cmd = [sys.executable, __file__, "worker", worker, "--size", str(args.size), "--batch",
-               str(args.batch), "--steps", str(args.steps), "--cache", cache, *flags]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        times = json.loads(out.strip().splitlines()[-1])["times"]
-        rows[name] += times
-        medians[name] = statistics.median(times)
-        print(f"round {r}: {name} {', '.join(f'{t:.2f}' for t in times)} s/step", flush=True)
+               str(args.batch), "--steps", str(args.steps), "--cache", cache,
+               "--memory", memory]
+        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True)
+                         .stdout.strip().splitlines()[-1])
+        rows[name] += out["times"]
+        faults[name] += out["faults"]
+        medians[name] = statistics.median(out["times"])
+        print(f"round {r}: {name} {', '.join(f'{t:.2f}' for t in out['times'])} s/step,"
+              f" {', '.join(str(f) for f in out['faults'])} page faults/step", flush=True)
       ratios.append(medians["jaxconsdec"] / medians["torch"])
       like_ratios.append(medians["jaxconsdec"] / medians["torch_kept_memory"])
   med = {name: statistics.median(times) for name, times in rows.items()}
   jax_s, torch_s, kept_s = med["jaxconsdec"], med["torch"], med["torch_kept_memory"]
+  jax_default_s = med["jaxconsdec_default_memory"]
   result = {
       "machine": _machine(), "size": args.size, "batch": args.batch, "rounds": args.rounds,
       "steps_per_round": args.steps, "seconds_per_step": rows,
@@ -163,14 +183,24 @@ def speed(args):
       "spread": [min(ratios), max(ratios)],
       "median_torch_kept_memory_s": kept_s, "like_for_like_ratio_of_medians": jax_s / kept_s,
       "like_for_like_round_ratios": like_ratios,
+      "median_jaxconsdec_default_memory_s": jax_default_s,
+      "default_memory_ratio_of_medians": jax_default_s / torch_s,
+      "minor_page_faults_per_step": faults,
+      "median_minor_page_faults_per_step": {n: statistics.median(f) for n, f in faults.items()},
   }
+  pf = result["median_minor_page_faults_per_step"]
   table = ("| released widths, fp32 | size | batch | jaxconsdec s/step | torch s/step |"
-           " ratio (median) | per-round ratios | torch, memory kept, s/step |"
-           " like-for-like ratio | per-round |\n|---|---|---|---|---|---|---|---|---|---|\n"
+           " ratio (median) | per-round ratios |\n|---|---|---|---|---|---|---|\n"
            f"| {_machine()['cpu']}, {_machine()['cores']} cores | {args.size}² | {args.batch} |"
            f" {jax_s:.2f} | {torch_s:.2f} | {jax_s / torch_s:.3f} |"
-           f" {min(ratios):.3f}-{max(ratios):.3f} | {kept_s:.2f} | {jax_s / kept_s:.3f} |"
-           f" {min(like_ratios):.3f}-{max(like_ratios):.3f} |\n")
+           f" {min(ratios):.3f}-{max(ratios):.3f} |\n\n"
+           "| series | host memory | median s/step | median page faults/step |\n"
+           "|---|---|---|---|\n" + "".join(
+               f"| {name} | {memory} | {med[name]:.2f} | {pf[name]:,.0f} |\n"
+               for name, _, memory in SERIES)
+           + f"\nLike for like (both sides keep freed memory): {jax_s / kept_s:.3f}"
+           f" ({min(like_ratios):.3f}-{max(like_ratios):.3f} per round). Both with their"
+           f" defaults: {jax_default_s / torch_s:.3f}.\n")
   _write(args.out or os.path.join(RESULTS, "train_speed_cpu"), result, table)
 
 
@@ -298,11 +328,12 @@ def main():
   w.add_argument("--batch", type=int)
   w.add_argument("--steps", type=int)
   w.add_argument("--cache")
-  w.add_argument("--keep-freed-memory", action="store_true")
+  w.add_argument("--memory", choices=("kept", "default"), required=True,
+                 help="kept: jaxconsdec train's host-memory setting (jaxconsdec/host_memory.py)")
   args = parser.parse_args()
   if args.mode == "worker":
-    times, loss = (jax_worker if args.name == "jaxconsdec" else torch_worker)(args)
-    print(json.dumps({"times": times, "loss": loss}))
+    times, faults, loss = (jax_worker if args.name == "jaxconsdec" else torch_worker)(args)
+    print(json.dumps({"times": times, "faults": faults, "loss": loss}))
   else:
     {"speed": speed, "memory": memory, "throughput": throughput}[args.mode](args)
 

@@ -6,9 +6,9 @@ reversed and its in/out axes swapped, and it materialises that transposed kernel
 call; its kernel gradient comes out as (in, kh, kw, out) and is transposed again. Where the
 activations are smaller than the kernel (the UNet's 16x16 and 8x8 levels at a 64x64 crop,
 1024 channels: a 38 MB kernel against a 1 MB activation) those copies, not the arithmetic, are
-the cost: the input gradient runs at 20-75 GFLOP/s where the forward runs at 150-200
-(`benchmarks/conv_kernels.py backward`). Written as matrix products that read the kernel
-where it lies, the same gradients run at 130-175 GFLOP/s.
+the cost: XLA's input gradient runs at 28-91 GFLOP/s there and the products below at 128-180;
+the kernel gradient, at every level of a 64x64 training step, goes from 101-157 to 144-198
+(`python benchmarks/conv_kernels.py --backward`, 2-core x86_64; `benchmarks/README.md`).
 
 With K the kernel as a (kh*kw*in, out) matrix (its row-major layout, so no copy), P the
 input's patches (B*Ho*Wo, kh*kw*in) ("im2col") and G the output gradient (B*Ho*Wo, out):
@@ -16,11 +16,12 @@ input's patches (B*Ho*Wo, kh*kw*in) ("im2col") and G the output gradient (B*Ho*W
   dK = P^T G                       one product, already in the kernel's (kh, kw, in, out) order
   dX = col2im(K G^T)               one product; col2im adds each tap's rows back at its offset
 
-P and K G^T hold kh*kw values per input pixel, so this is only used where that is small next
-to the kernel (B*Ho*Wo <= min(in, out)); larger activations keep XLA's backward, whose
-convolutions are at full speed there. Other platforms always keep XLA's backward (cuDNN and
-the TPU compiler handle these layouts natively). The forward is XLA's convolution on every
-platform, so decoding is unchanged to the bit.
+P and K G^T hold kh*kw values per output pixel, so each is only built where it is small:
+dX where the activations are no larger than the kernel (B*Ho*Wo <= min(in, out); above
+that XLA's input gradient is at full speed), dK where P is at most PATCHES_MAX_BYTES (at
+256x256 only the 32x32 level qualifies). Everything else, and every platform but the CPU,
+keeps XLA's backward (cuDNN and the TPU compiler take these layouts natively). The forward
+is XLA's convolution everywhere, so decoding is unchanged to the bit.
 """
 
 from __future__ import annotations
