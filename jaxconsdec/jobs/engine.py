@@ -149,12 +149,16 @@ def run_job(job: Job, inputs: Sequence[str], out_dir: str, *, batch_size: int = 
   if strict and failures:
     return JobReport(len(items), 0, 0, failures, time.perf_counter() - start, stopped=True,
                      hidden=listing.hidden)
-  error = None
-  try:
-    _prepare_out_dir(out_dir, job.settings())
-  except SETUP_ERRORS as e:
-    error = e
-  multihost.raise_together(error, SETUP_ERRORS)
+  # Two collectives: every process clearing a shared OUT_DIR of a killed run's temporary
+  # files must be done before any process writes the manifest (under a temporary name).
+  for prepare in (lambda d: _clear_out_dir(d, job.settings()),
+                  lambda d: _write_manifest(d, job.settings())):
+    error = None
+    try:
+      prepare(out_dir)
+    except SETUP_ERRORS as e:
+      error = e
+    multihost.raise_together(error, SETUP_ERRORS)
   done, incomplete = _done_everywhere(out_dir, items, job)
   pending = [item for item, d in zip(items, done) if not d]
   groups = list(_by_group(pending).values())
@@ -305,20 +309,31 @@ def _by_group(items: list) -> dict:
   return groups
 
 
-def _prepare_out_dir(out_dir: str, settings: dict) -> None:
-  """Creates OUT_DIR, checks or writes its manifest, clears a killed run's temporary files.
+def _clear_out_dir(out_dir: str, settings: dict) -> None:
+  """Creates OUT_DIR, checks its manifest if it has one (so that a folder of another job is
+  refused before anything in it is touched), and clears a killed run's temporary files.
   Every process does this for its own OUT_DIR (one shared folder, or one per host)."""
   os.makedirs(out_dir, exist_ok=True)
   _check_manifest(out_dir, settings)
   _remove_temporaries(out_dir)
 
 
-def _check_manifest(out_dir: str, settings: dict) -> None:
+def _write_manifest(out_dir: str, settings: dict) -> None:
   path = os.path.join(out_dir, MANIFEST)
-  ours = {"jaxconsdec_job": 1, **settings}
   if not os.path.lexists(path):
-    write_atomic(path, json.dumps(ours, indent=2, sort_keys=True).encode())
+    write_atomic(path, json.dumps(_manifest(settings), indent=2, sort_keys=True).encode())
+
+
+def _manifest(settings: dict) -> dict:
+  return {"jaxconsdec_job": 1, **settings}
+
+
+def _check_manifest(out_dir: str, settings: dict) -> None:
+  """Refuses an OUT_DIR whose manifest is not this job's; one without a manifest passes."""
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.lexists(path):
     return
+  ours = _manifest(settings)
   try:
     theirs = read_json_object(path, MAX_MANIFEST_BYTES)
   except (OSError, ValueError) as e:
