@@ -31,6 +31,13 @@ SHAPES = ((256, 320, 320), (256, 640, 320), (256, 640, 640), (128, 640, 640),
           (128, 1280, 640), (64, 1024, 1024), (64, 2048, 1024), (32, 1024, 1024))
 
 
+def _operands(rng, size, cin, cout):
+  """A batch-1 NHWC input, a 3x3 HWIO kernel, and the convolution's FLOPs."""
+  x = rng.standard_normal((1, size, size, cin), np.float32)
+  k = (rng.standard_normal((3, 3, cin, cout)) * 0.02).astype(np.float32)
+  return x, k, 2 * size * size * cin * cout * 9
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=3)
@@ -61,9 +68,7 @@ def main():
   print("size   in->out   GFLOP | " + " | ".join(list(xla) + ["torch", "torch_cl"])
         + "  (GFLOP/s)")
   for size, cin, cout in SHAPES:
-    x = rng.standard_normal((1, size, size, cin), np.float32)
-    k = (rng.standard_normal((3, 3, cin, cout)) * 0.02).astype(np.float32)
-    flops = 2 * size * size * cin * cout * 9
+    x, k, flops = _operands(rng, size, cin, cout)
     row = dict(size=size, cin=cin, cout=cout, gflop=flops / 1e9)
     xj, kj = jax.device_put(x), jax.device_put(k)
     xp = jax.device_put(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
@@ -79,16 +84,7 @@ def main():
     rows.append(row)
     print(f"{size:4d} {cin:5d}->{cout:<5d} {row['gflop']:6.1f} | " + " | ".join(
         f"{row[name]:6.1f}" for name in list(xla) + ["torch", "torch_cl"]), flush=True)
-  result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "jax": jax.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "compiler_options": jcd.compiler_options(),
-            "command": "python benchmarks/conv_kernels.py " + " ".join(sys.argv[1:]),
-            "rows": rows}
-  os.makedirs("benchmarks/results", exist_ok=True)
-  with open(f"benchmarks/results/conv_kernels_{jax.default_backend()}.json", "w") as f:
-    json.dump(result, f, indent=2)
+  _write("conv_kernels", rows)
 
 
 # (height = width, in, out) of the UNet's convolutions in a 64x64, batch-1 training step.
@@ -121,10 +117,8 @@ def backward(args):
   print("size   in->out   GFLOP | " + " | ".join(list(programs) + ["torch_dx", "torch_dk"])
         + "  (GFLOP/s) | products (dx, dk)")
   for size, cin, cout in TRAINING_SHAPES:
-    x = rng.standard_normal((1, size, size, cin), np.float32)
-    k = (rng.standard_normal((3, 3, cin, cout)) * 0.02).astype(np.float32)
+    x, k, flops = _operands(rng, size, cin, cout)
     g = rng.standard_normal((1, size, size, cout), np.float32)
-    flops = 2 * size * size * cin * cout * 9
     products = uses_products(k.shape, g.shape)
     row = dict(size=size, cin=cin, cout=cout, gflop=flops / 1e9, products=products)
     xj, kj, gj = (jax.device_put(a) for a in (x, k, g))
@@ -142,6 +136,15 @@ def backward(args):
     print(f"{size:4d} {cin:5d}->{cout:<5d} {row['gflop']:6.1f} | " + " | ".join(
         f"{row[name]:6.1f}" for name in list(programs) + ["torch_dx", "torch_dk"])
         + f" | {products}", flush=True)
+  _write("conv_backward", rows)
+
+
+def _write(stem, rows):
+  """benchmarks/results/<stem>_<backend>.json: the rows, with the machine and versions."""
+  import jax
+  import torch
+
+  import jaxconsdec as jcd
   result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "jax": jax.__version__, "torch": torch.__version__,
@@ -150,7 +153,7 @@ def backward(args):
             "command": "python benchmarks/conv_kernels.py " + " ".join(sys.argv[1:]),
             "rows": rows}
   os.makedirs("benchmarks/results", exist_ok=True)
-  with open(f"benchmarks/results/conv_backward_{jax.default_backend()}.json", "w") as f:
+  with open(f"benchmarks/results/{stem}_{jax.default_backend()}.json", "w") as f:
     json.dump(result, f, indent=2)
 
 

@@ -26,14 +26,16 @@ def _rel(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-# (batch, height, width, in, out, kernel, padding, which gradients are products)
+# (batch, height, width, in, out, kernel, padding, which gradients are products). Products
+# need a kernel of at least 2^18 values (models.conv.KERNEL_MIN_SIZE): 3x3x192x192 is 331,776.
 CASES = [
-    (1, 8, 8, 64, 64, (3, 3), ((1, 1), (1, 1)), (True, True)),     # a small level: both
-    (2, 4, 4, 40, 48, (3, 3), ((1, 1), (1, 1)), (True, True)),     # batch 2, in != out
-    (1, 4, 6, 32, 24, (2, 2), ((1, 0), (0, 1)), (True, True)),     # an UpsampledConv phase
-    (1, 6, 5, 32, 40, (3, 3), ((0, 0), (0, 0)), (True, True)),     # VALID, non-square
-    (1, 5, 5, 32, 40, (1, 1), ((0, 0), (0, 0)), (True, True)),     # a 1x1 shortcut
-    (1, 16, 16, 64, 64, (3, 3), ((1, 1), (1, 1)), (False, True)),  # large: XLA's dx
+    (1, 8, 8, 192, 192, (3, 3), ((1, 1), (1, 1)), (True, True)),    # a small level: both
+    (2, 4, 4, 160, 224, (3, 3), ((1, 1), (1, 1)), (True, True)),    # batch 2, in != out
+    (1, 4, 6, 256, 320, (2, 2), ((1, 0), (0, 1)), (True, True)),    # an UpsampledConv phase
+    (1, 6, 5, 192, 224, (3, 3), ((0, 0), (0, 0)), (True, True)),    # VALID, non-square
+    (1, 5, 5, 512, 640, (1, 1), ((0, 0), (0, 0)), (True, True)),    # a 1x1 shortcut
+    (1, 16, 16, 192, 192, (3, 3), ((1, 1), (1, 1)), (False, True)),  # 256 pixels: XLA's dX
+    (1, 8, 8, 64, 64, (3, 3), ((1, 1), (1, 1)), (False, False)),     # a narrow kernel: XLA's
 ]
 
 
@@ -56,6 +58,7 @@ def test_gradients_equal_xla_autodiff(b, h, w, cin, cout, kernel, padding, paths
 def test_large_activations_and_other_convolutions_keep_xla():
   assert uses_products((3, 3, 320, 320), (1, 64, 64, 320)) == (False, True)
   assert uses_products((3, 3, 320, 320), (8, 256, 256, 320)) == (False, False)
+  assert uses_products((3, 3, 64, 64), (1, 8, 8, 64)) == (False, False)  # the test widths
   # strided (the VAE's downsampler) and SAME-padded calls are lax's own, gradients included
   x = jnp.ones((1, 9, 9, 8))
   k = jnp.ones((3, 3, 8, 4))
@@ -68,8 +71,8 @@ def test_large_activations_and_other_convolutions_keep_xla():
 
 def test_bfloat16_gradients_keep_their_dtypes():
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((1, 4, 4, 32)), jnp.bfloat16)
-  k = jnp.asarray(rng.standard_normal((3, 3, 32, 32)), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((1, 4, 4, 192)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((3, 3, 192, 192)), jnp.bfloat16)
   pad = ((1, 1), (1, 1))
   dx, dk = jax.grad(lambda x, k: _ours(x, k, pad).astype(jnp.float32).sum(), (0, 1))(x, k)
   want_dx, want_dk = jax.grad(

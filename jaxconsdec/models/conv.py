@@ -19,7 +19,8 @@ input's patches (B*Ho*Wo, kh*kw*in) ("im2col") and G the output gradient (B*Ho*W
 P and K G^T hold kh*kw values per output pixel, so each is only built where it is small:
 dX where the activations are no larger than the kernel (B*Ho*Wo <= min(in, out); above
 that XLA's input gradient is at full speed), dK where P is at most PATCHES_MAX_BYTES (at
-256x256 only the 32x32 level qualifies). Everything else, and every platform but the CPU,
+256x256 only the 32x32 level qualifies), both for kernels of at least a MiB. Everything
+else, and every platform but the CPU,
 keeps XLA's backward (cuDNN and the TPU compiler take these layouts natively). The forward
 is XLA's convolution everywhere, so decoding is unchanged to the bit.
 """
@@ -112,15 +113,19 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 # The largest patch matrix the kernel gradient builds (at a 64x64 crop, batch 1, every level
 # fits; at 256x256 only the 32x32 level does, and the rest keep XLA's convolution).
 PATCHES_MAX_BYTES = 128 * 2 ** 20
+# XLA's kernel copies only cost where kernels are large: the released widths' hold 0.9-19M
+# values. Narrow models (the test widths) keep XLA's backward and its smaller programs.
+KERNEL_MIN_SIZE = 2 ** 18  # values: a MiB in float32
 
 
 def uses_products(kernel_shape, out_shape) -> tuple[bool, bool]:
   """Whether the (input, kernel) gradients of a convolution of these shapes are the matrix
-  products rather than XLA's own: on CPU only; the input gradient where the activations are
-  no larger than the kernel, the kernel gradient where its patch matrix is small."""
-  if jax.default_backend() != "cpu":
-    return False, False
+  products rather than XLA's own: on CPU, for kernels of at least KERNEL_MIN_SIZE values;
+  the input gradient where the activations are no larger than the kernel, the kernel
+  gradient where its patch matrix is small."""
   kh, kw, cin, cout = kernel_shape
+  if jax.default_backend() != "cpu" or kh * kw * cin * cout < KERNEL_MIN_SIZE:
+    return False, False
   pixels = out_shape[0] * out_shape[1] * out_shape[2]
   return pixels <= min(cin, cout), 4 * pixels * kh * kw * cin <= PATCHES_MAX_BYTES
 
