@@ -80,3 +80,32 @@ def test_bfloat16_gradients_keep_their_dtypes():
   assert dx.dtype == dk.dtype == jnp.bfloat16
   f32 = lambda a: a.astype(jnp.float32)
   assert _rel(f32(dx), f32(want_dx)) < 1e-2 and _rel(f32(dk), f32(want_dk)) < 1e-2
+
+
+# The gradients of a batch-sharded convolution on 2 devices equal those on one device, for
+# each way conv2d computes them (the kernel gradient sums over the batch, so across devices).
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxconsdec.models.conv import conv2d, uses_products
+rng = np.random.default_rng(0)
+mesh = Mesh(np.array(jax.devices()), ("batch",))
+for shape, cin in (((4, 4, 4), 192), ((2, 16, 16), 192), ((2, 4, 4), 64)):
+  x = jnp.asarray(rng.standard_normal((*shape, cin)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, cin, cin)), jnp.float32)
+  loss = lambda x, k: jnp.sum(conv2d(x, k, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST) ** 2)
+  grads = jax.jit(jax.grad(loss, (0, 1)))
+  one = grads(x, k)
+  two = grads(jax.device_put(x, NamedSharding(mesh, P("batch"))), k)
+  for a, b in zip(two, one):
+    err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    assert err < 1e-5, (shape, cin, uses_products(k.shape, (*shape, cin)), err)
+print("OK", jax.device_count())
+"""
+
+
+def test_batch_sharded_gradients_equal_one_device():
+  from simulated_devices import run_on_simulated_devices
+  run_on_simulated_devices(SHARDED, 2)

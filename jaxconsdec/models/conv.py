@@ -60,9 +60,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, window_strides: Sequence[int],
   out_shape = (x.shape[0], x.shape[1] + top + bottom - kernel.shape[0] + 1,
                x.shape[2] + left + right - kernel.shape[1] + 1, kernel.shape[3])
   if not any(uses_products(kernel.shape, out_shape)):
-    # XLA's own autodiff, outside any custom_vjp. Taken through jax.vjp inside a custom_vjp
-    # backward, XLA's kernel gradient of a batch-sharded step differed between 1 and 2
-    # devices by 1e-3 (tests/test_training.py), so that combination is never built.
+    # XLA's own autodiff, outside any custom_vjp. With XLA's gradients taken through jax.vjp
+    # inside the custom_vjp backward instead, one training step of the tiny model differed
+    # between 1 and 2 devices by 1e-3 (tests/test_training.py; cause not isolated: a lone
+    # sharded convolution agrees either way, tests/test_conv.py).
     return _forward(x, kernel, padding, precision)
   return _conv(x, kernel, padding, _precision_key(precision))
 
