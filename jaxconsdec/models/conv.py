@@ -19,10 +19,11 @@ input's patches (B*Ho*Wo, kh*kw*in) ("im2col") and G the output gradient (B*Ho*W
 P and K G^T hold kh*kw values per output pixel, so each is only built where it is small:
 dX where the activations are no larger than the kernel (B*Ho*Wo <= min(in, out); above
 that XLA's input gradient is at full speed), dK where P is at most PATCHES_MAX_BYTES (at
-256x256 only the 32x32 level qualifies), both for kernels of at least a MiB. Everything
-else, and every platform but the CPU,
-keeps XLA's backward (cuDNN and the TPU compiler take these layouts natively). The forward
-is XLA's convolution everywhere, so decoding is unchanged to the bit.
+256x256 only the 32x32 level qualifies) and wherever dX is a product, both only for kernels
+of at least KERNEL_MIN_SIZE values. A convolution with neither is XLA's own, outside any
+custom_vjp; so is every convolution on platforms other than the CPU (cuDNN and the TPU
+compiler take these layouts natively). The forward is XLA's convolution everywhere, so
+decoding is unchanged to the bit.
 """
 
 from __future__ import annotations
