@@ -19,8 +19,8 @@ from jaxconsdec import layout as layouts
 from jaxconsdec import xla_options
 from jaxconsdec.config import SD_VAE, VAEConfig
 from jaxconsdec.models.vae import HALVES, VAE, posterior
-from jaxconsdec.sampler import batch_keys, unwrap_variables
-from jaxconsdec.weights import check_params
+from jaxconsdec.keys import batch_keys
+from jaxconsdec.weights import check_params, unwrap_variables
 
 
 def encode(vae_params, images, key=None, *, config: VAEConfig = SD_VAE,

@@ -255,7 +255,6 @@ def identity(path: str | Sequence[str]) -> str:
   from jaxconsdec.convert.formats import sha256_of
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
   if len(paths) == 1 and os.path.isdir(paths[0]):
-    paths = [_exported_model(os.fspath(paths[0]))]
     read_meta(os.fspath(paths[0]))  # a checkpoint, readable
     return "checkpoint-sha256:" + sha256_of(os.path.join(os.fspath(paths[0]), META))
   return "files-sha256:" + ",".join(sha256_of(os.fspath(p)) for p in paths)
@@ -326,7 +325,6 @@ def load(path: str | Sequence[str], *, dtype=None, sharding=None,
   """
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
   if len(paths) == 1 and os.path.isdir(paths[0]):
-    paths = [_exported_model(os.fspath(paths[0]))]
     loaded = _load_checkpoint(os.fspath(paths[0]), dtype, sharding)
     for stored, given in ((loaded.config, config), (loaded.vae_config, vae_config)):
       if stored is not None:
@@ -347,18 +345,6 @@ def load(path: str | Sequence[str], *, dtype=None, sharding=None,
       fields.update(vae_params=put(params_from_torch(vae.tensors, vae.config, vae.halves)),
                     vae_config=vae.config, vae_halves=vae.halves)
   return Loaded(**fields)
-
-
-def _exported_model(folder: str) -> str:
-  """A training run's folder stands for the model it exported (`jaxconsdec train`)."""
-  from jaxconsdec.training.run_files import MODEL, RUN
-  if os.path.exists(os.path.join(folder, META)) or not os.path.exists(os.path.join(folder, RUN)):
-    return folder
-  model = os.path.join(folder, MODEL)
-  if not os.path.exists(os.path.join(model, META)):
-    raise CheckpointError(f"{folder} is a training run that has not exported a model yet: run"
-                          " its `jaxconsdec train` command again to finish (it resumes)")
-  return model
 
 
 def _check_same_architecture(stored, given, where: str):

@@ -9,7 +9,7 @@ import zlib
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from jaxconsdec.files import open_regular, write_atomic
 
@@ -63,3 +63,17 @@ def png_is_complete(path: str, width: int, height: int) -> bool:
 def save_png(path: str, image_hwc) -> None:
   """One [-1, 1] (H, W, 3) image -> PNG file at `path`, written atomically."""
   write_atomic(path, encode_png(np.asarray(to_uint8(image_hwc))))
+
+
+def side_by_side(original: np.ndarray, outputs: dict, gap: int = 8,
+                 header: int = 18) -> np.ndarray:
+  """original | each output, with their names above them: (H + header, n W + gaps, 3)."""
+  panels = [("original", original)] + list(outputs.items())
+  h, w, _ = original.shape
+  canvas = Image.new("RGB", (len(panels) * w + (len(panels) - 1) * gap, h + header), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (name, image) in enumerate(panels):
+    x = i * (w + gap)
+    canvas.paste(Image.fromarray(image), (x, header))
+    draw.text((x + 2, 3), name.replace("Consistency Decoder", "CD"), fill="black")
+  return np.asarray(canvas)

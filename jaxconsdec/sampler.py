@@ -20,7 +20,6 @@ it sits in: decoding `latents[i:i+1]` with `example_keys(k, B)[i:i+1]` reproduce
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional, Sequence
 
 import jax
@@ -32,47 +31,10 @@ from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.schedule import NUM_TRAIN_TIMESTEPS, TABLES, timesteps_for
 from jaxconsdec.models.unet import UNet
-from jaxconsdec.weights import check_params
+from jaxconsdec.keys import batch_keys
+from jaxconsdec.weights import check_params, unwrap_variables
 
 UPSAMPLE = 8  # latent pixel -> 8x8 image pixels
-
-
-def example_keys(key, batch_size: int, start: int = 0) -> jax.Array:
-  """Per-example keys: `fold_in(key, start + i)` for i in range(batch_size). Shape (B,).
-
-  `start` is the global index of the first example, so a slice of a larger job draws the
-  same noise as it would in one big batch.
-  """
-  key = as_typed_key(key)
-  if key.ndim != 0:
-    raise ValueError(f"example_keys takes one key, got a key array of shape {key.shape}")
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(batch_size))
-
-
-def as_typed_key(key) -> jax.Array:
-  if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
-    return jax.random.key(int(key))
-  if not hasattr(key, "dtype"):
-    raise TypeError(f"key must be a jax.random.key, a batch of keys, or an int seed;"
-                    f" got {type(key).__name__}")
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:  # legacy PRNGKey
-    return jax.random.wrap_key_data(key)
-  if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
-    return jax.random.key(key)
-  raise TypeError(f"key must be a jax.random.key, a batch of keys, or an int seed; got an"
-                  f" array of dtype {key.dtype} and shape {key.shape}")
-
-
-def batch_keys(key, batch_size: int) -> jax.Array:
-  key = as_typed_key(key)
-  if key.ndim == 0:
-    return example_keys(key, batch_size)
-  if key.shape != (batch_size,):
-    raise ValueError(f"a batch of keys must hold one key per example: expected shape"
-                     f" ({batch_size},), got {key.shape}")
-  return key
 
 
 def check_latents(latents, layout: str, config: UNetConfig) -> tuple[int, int, int]:
@@ -135,13 +97,6 @@ def _check_noise(noise, steps: int, out_shape: tuple[int, ...], layout: str) -> 
       raise ValueError(f"noise[{i}] has shape {tuple(jnp.shape(n))}; each step's noise must be"
                        f" shaped like the output, {out_shape} ({layout})")
   return jnp.stack([layouts.to_nhwc(jnp.asarray(n, jnp.float32), layout) for n in noise])
-
-
-def unwrap_variables(params):
-  # Accept Flax's `{"params": tree}` variables dict as well as the bare tree.
-  if hasattr(params, "keys") and set(params.keys()) == {"params"}:
-    return params["params"]
-  return params
 
 
 def decode(params, latents, key, *, config: UNetConfig = CONSISTENCY_DECODER,

@@ -24,10 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxconsdec import layout as layouts
 from jaxconsdec import xla_options
 from jaxconsdec.config import CONSISTENCY_DECODER, SD_VAE, UNetConfig, VAEConfig
-from jaxconsdec.sampler import (as_typed_key, batch_keys, check_latents, example_keys,
-                                nested_program, unwrap_variables)
+from jaxconsdec.keys import as_typed_key, batch_keys, example_keys
+from jaxconsdec.sampler import check_latents, nested_program
 from jaxconsdec.schedule import timesteps_for
-from jaxconsdec.weights import check_params
+from jaxconsdec.weights import check_params, unwrap_variables
 
 DATA_AXIS = "data"
 

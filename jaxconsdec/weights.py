@@ -269,3 +269,10 @@ def random_params(config: UNetConfig | VAEConfig, seed: int = 0,
     return jnp.asarray(value, dtype)
   flat = _flat(abstract_params(config, halves))
   return flax.traverse_util.unflatten_dict({p: draw(p, leaf) for p, leaf in flat.items()})
+
+
+def unwrap_variables(params):
+  # Accept Flax's `{"params": tree}` variables dict as well as the bare tree.
+  if hasattr(params, "keys") and set(params.keys()) == {"params"}:
+    return params["params"]
+  return params

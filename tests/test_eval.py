@@ -13,7 +13,7 @@ import jaxconsdec as jcd
 from jaxconsdec import checkpoint, cli
 from job_keys import documented_key
 
-HEADER, GAP = 18, 8  # the grid's layout (evaluate.side_by_side)
+HEADER, GAP = 18, 8  # the grid's layout (images.side_by_side)
 
 
 def _setup(tmp_path):

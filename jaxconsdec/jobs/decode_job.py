@@ -11,7 +11,8 @@ import numpy as np
 
 from jaxconsdec.images import encode_png, png_is_complete, to_uint8
 from jaxconsdec.jobs import engine
-from jaxconsdec.jobs.latent_files import (DEFAULT_MAX_PIXELS, LatentReader, list_latents,
+from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
+from jaxconsdec.jobs.latent_files import (LatentReader, list_latents,
                                           read_headers)
 from jaxconsdec.sampler import UPSAMPLE
 from jaxconsdec.sharded import ShardedDecoder

@@ -17,8 +17,9 @@ import numpy as np
 from jaxconsdec.convert import safetensors_file
 from jaxconsdec.files import open_regular
 from jaxconsdec.jobs import engine
-from jaxconsdec.jobs.image_files import ImageReader, list_images
-from jaxconsdec.jobs.latent_files import DEFAULT_MAX_PIXELS, read_headers
+from jaxconsdec.inputs.image_files import ImageReader, list_images
+from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
+from jaxconsdec.jobs.latent_files import read_headers
 from jaxconsdec.sharded import ShardedEncoder
 
 FORMATS = ("npy", "safetensors")

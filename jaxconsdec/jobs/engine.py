@@ -43,7 +43,7 @@ import tqdm
 from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
                               path_component_problem, read_json_object, write_atomic)
-from jaxconsdec.jobs.inputs import Failure
+from jaxconsdec.inputs.listing import Failure
 
 MANIFEST = "jaxconsdec-job.json"
 FAILURES = "failures.json"

@@ -23,16 +23,15 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
 
 from jaxconsdec.autoencoder import encode, vae_decode
 from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.files import make_dirs_inside, write_atomic
-from jaxconsdec.images import encode_png, to_uint8
+from jaxconsdec.images import encode_png, side_by_side, to_uint8
 from jaxconsdec.jobs.engine import example_keys_for
-from jaxconsdec.jobs.image_files import list_images, read_pixels
-from jaxconsdec.jobs.inputs import Failure
-from jaxconsdec.jobs.latent_files import DEFAULT_MAX_PIXELS
+from jaxconsdec.inputs.image_files import list_images, read_pixels
+from jaxconsdec.inputs.listing import Failure
+from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
 from jaxconsdec.metrics import psnr, ssim
 from jaxconsdec.sampler import decode
 from jaxconsdec.xla_options import compiler_options
@@ -149,20 +148,6 @@ def _compared_region(item) -> tuple[slice, slice]:
   if item.fit == "pad":
     return slice(0, item.original[0]), slice(0, item.original[1])
   return slice(None), slice(None)
-
-
-def side_by_side(original: np.ndarray, outputs: dict, gap: int = 8,
-                 header: int = 18) -> np.ndarray:
-  """original | each output, with their names above them: (H + header, n W + gaps, 3)."""
-  panels = [("original", original)] + list(outputs.items())
-  h, w, _ = original.shape
-  canvas = Image.new("RGB", (len(panels) * w + (len(panels) - 1) * gap, h + header), "white")
-  draw = ImageDraw.Draw(canvas)
-  for i, (name, image) in enumerate(panels):
-    x = i * (w + gap)
-    canvas.paste(Image.fromarray(image), (x, header))
-    draw.text((x + 2, 3), name.replace("Consistency Decoder", "CD"), fill="black")
-  return np.asarray(canvas)
 
 
 def _write_report(out_dir: str, evaluation: Evaluation, settings: dict) -> None:

@@ -36,14 +36,11 @@ import numpy as np
 from jaxconsdec import layout as layouts
 from jaxconsdec.convert import safetensors_file
 from jaxconsdec.files import TMP_PREFIX, open_regular, path_component_problem
-from jaxconsdec.jobs.inputs import Failure, Listing, drop_name_clashes, files, unreadable
+from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS, Failure, Listing, drop_name_clashes, files, unreadable
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.sampler import UPSAMPLE, channels_message
 
 EXTENSIONS = (".npy", ".npz", ".safetensors")
-# The largest image a job decodes unless told otherwise: 2048x2048 (a 256x256 latent). The
-# released model needs ~55 GiB of device memory for it in float32 (benchmarks/memory.py).
-DEFAULT_MAX_PIXELS = 2048 * 2048
 
 
 @dataclasses.dataclass(frozen=True)

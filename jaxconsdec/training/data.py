@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxconsdec.jobs.image_files import ImageItem, list_images, read_pixels
-from jaxconsdec.jobs.inputs import Failure, Listing
+from jaxconsdec.inputs.image_files import ImageItem, list_images, read_pixels
+from jaxconsdec.inputs.listing import Failure, Listing
 
 SEED_STREAM_ORDER, SEED_STREAM_CROP = 0, 1  # numpy seed streams: file order, crop and flip
 

@@ -38,9 +38,8 @@ from jaxconsdec import checkpoint, multihost
 from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.autoencoder import encode, encoder_half
 from jaxconsdec.files import make_dirs_inside, read_json_object, write_atomic
-from jaxconsdec.images import encode_png, to_uint8
-from jaxconsdec.jobs.evaluate import side_by_side
-from jaxconsdec.jobs.inputs import Failure
+from jaxconsdec.images import encode_png, side_by_side, to_uint8
+from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.metrics import psnr
 from jaxconsdec.sampler import decode
 from jaxconsdec.weights import random_params
@@ -192,12 +191,18 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                   disable=not (progress and lead), dynamic_ncols=True)
   pending, tick, examples = [], time.perf_counter(), 0
   step = start
+  delta = None
   try:
     while step < settings.steps:
       if stop is not None and multihost.any_process(stop.is_set()):
         report.stopped = True
         break
-      delta = curriculum_delta(step, settings.steps, settings.curriculum)
+      previous, delta = delta, curriculum_delta(step, settings.steps, settings.curriculum)
+      if (lead and previous is not None and delta != previous
+          and settings.objective == "consistency"):
+        bar.write(f"step {step}: the curriculum moves from grid spacing {previous} to"
+                  f" {delta}; pairs of nearer levels follow, and the loss jumps there by"
+                  " design (it is weighted by 1 / the levels' gap)", file=log)
       first = step * settings.batch_size
       state, step_metrics = step_fn(state, vae_encoder, crops.rows(first + mine, per_process),
                                     first, delta)
@@ -210,7 +215,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
         line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
         line.update(delta=delta, examples_per_s=examples / (now - tick))
         metrics.write(step, line, "train")
-        bar.set_postfix(loss=f"{line['loss']:.4g}", steps_s=f"{len(values) / (now - tick):.2f}")
+        bar.set_postfix(loss=f"{line['loss']:.4g}", grid=delta,
+                        steps_s=f"{len(values) / (now - tick):.2f}")
         pending, tick, examples = [], now, 0
       bar.update(1)
       if step % settings.eval_every == 0 or step == settings.steps:
@@ -270,12 +276,38 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
                                " --out a new folder, or the folder of the run to resume")
     return None
   stored = read_json_object(path)
-  diffs = [k for k in identity if stored.get(k) != identity[k]]
-  if diffs:
+  folder = os.path.dirname(path)
+  diffs = _differences({k: stored.get(k) for k in identity}, identity)
+  was, now = (stored.get("settings") or {}).get("steps"), identity["settings"]["steps"]
+  if [name for name, _, _ in diffs] == ["settings.steps"] and isinstance(was, int) and now > was:
     raise TrainingSetupError(
-        f"{os.path.dirname(path)} holds another run: its {', '.join(diffs)} differ from this"
-        " command's. Re-run the run's own command to resume it, or give --out a new folder")
+        f"{folder} is a run of {was} steps, and this command asks for {now}. A run's curriculum and warm-up are laid out over its own steps, so"
+        " it is not lengthened in place. To train on from its model, start a new run with"
+        f" it as the init: jaxconsdec train IMAGES... --init {folder} --out NEW_RUN_DIR"
+        f" --steps N (with the same VAE flag).")
+  if diffs:
+    listed = "; ".join(f"{name}: {was} in the run, {now} in this command"
+                       for name, was, now in diffs)
+    raise TrainingSetupError(
+        f"{folder} holds another run. What differs: {listed}. Re-run the run's own command"
+        " to resume it, or give --out a new folder")
   return stored
+
+
+def _differences(stored, given, name: str = "") -> list[tuple[str, str, str]]:
+  """(setting, stored, given) for each leaf that differs, nested settings by dotted name."""
+  if isinstance(stored, dict) and isinstance(given, dict):
+    return [d for key in sorted(set(stored) | set(given), key=str)
+            for d in _differences(stored.get(key), given.get(key),
+                                  f"{name}.{key}" if name else str(key))]
+  if stored == given:
+    return []
+  show = lambda v: (f"{len(v)} entries" if isinstance(v, list) and len(v) > 3 else
+                    json.dumps(v))
+  if isinstance(stored, list) and isinstance(given, list) and len(stored) == len(given) > 3:
+    changed = sum(a != b for a, b in zip(stored, given))
+    return [(name, f"{show(stored)}", f"{changed} of them changed")]
+  return [(name, show(stored), show(given))]
 
 
 def _fit_latent_space(config: UNetConfig, encoder, vae_config: VAEConfig, items,

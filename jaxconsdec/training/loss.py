@@ -19,7 +19,9 @@ import numpy as np
 
 from jaxconsdec.config import UNetConfig
 from jaxconsdec.models.unet import UNet
-from jaxconsdec.sampler import prepare_latents, unwrap_variables
+from jaxconsdec.keys import batch_keys
+from jaxconsdec.sampler import prepare_latents
+from jaxconsdec.weights import unwrap_variables
 from jaxconsdec.schedule import SIGMA_DATA, TABLES
 from jaxconsdec.training.pairs import SIGMAS, VIRTUAL_LEVEL
 
@@ -62,8 +64,9 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
       level, where the teacher is the clean image. (t_lo = t_hi is weighted 1.)
     noise: eps shaped like `images`, shared by the two points of a pair.
     config: the decoder's config (its latent space normalises the latents).
-    dropout_key: None (no dropout), one key, or one key per example (B,); the student and
-      the teacher use the same masks, so t_lo = t_hi gives exactly zero.
+    dropout_key: None (no dropout), one key (typed, a legacy PRNGKey or an int seed; example
+      i then uses fold_in(key, i), as `decode` does), or one key per example (B,); the
+      student and the teacher use the same masks, so t_lo = t_hi gives exactly zero.
     remat: recompute ResBlock activations in the backward pass (memory for compute).
 
   The mean over examples is the batch loss. Whatever `config.dtype`, the images, the
@@ -124,7 +127,7 @@ def _checked(params, images, latents, noise, config, dropout_key):
     raise ValueError(f"latents {tuple(latents.shape)} are not 1/8 of images {x0.shape}")
   keys = None
   if dropout_key is not None:
-    keys = dropout_key if dropout_key.ndim == 1 else jax.random.split(dropout_key, x0.shape[0])
+    keys = batch_keys(dropout_key, x0.shape[0])
   return params, x0, eps, z, keys
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import jaxconsdec as jcd
-from jaxconsdec.jobs.evaluate import side_by_side
+from jaxconsdec.images import side_by_side
 from jaxconsdec.metrics import psnr, ssim
 from photos import crop_to_multiple_of_8
 

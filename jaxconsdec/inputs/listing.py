@@ -12,6 +12,11 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+# The largest image a job reads or writes unless told otherwise: 2048x2048 (a 256x256
+# latent). The released model needs ~55 GiB of device memory for it in float32
+# (benchmarks/memory.py).
+DEFAULT_MAX_PIXELS = 2048 * 2048
+
 
 @dataclasses.dataclass(frozen=True)
 class Failure:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jaxconsdec.files import TMP_PREFIX, open_regular
-from jaxconsdec.jobs.inputs import Failure, Listing, drop_name_clashes, files, unreadable
+from jaxconsdec.inputs.listing import Failure, Listing, drop_name_clashes, files, unreadable
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 FITS = ("refuse", "crop", "pad")
