@@ -301,3 +301,32 @@ def test_a_decoder_for_16_channel_latents_trains_from_scratch(photos, tmp_path):
                    config=loaded.vae_config, layout="NHWC")
   assert jcd.decode(loaded.params, lat, 0, config=loaded.config, layout="NHWC").shape == (
       1, 32, 32, 3)
+
+
+def test_the_command_fits_its_steps_and_names_what_differs(uninterrupted, photos, tmp_path):
+  # Every differing setting is named, with both values.
+  proc = _train(photos, uninterrupted, "--seed", "5", "--lr", "2e-3")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "settings.seed: 0 in the run, 5 in this command" in proc.stderr, proc.stderr
+  assert "settings.optimization.lr: 0.001 in the run, 0.002 in this command" in proc.stderr
+  # A longer run is not made in place: the refusal gives the command that trains on.
+  proc = _train(photos, uninterrupted, "--steps", "9")
+  assert proc.returncode == 2 and f"--init {uninterrupted} --out NEW_RUN_DIR" in proc.stderr, (
+      proc.stderr[-2000:])
+  # --lr 0 is refused, not replaced by the default.
+  proc = _train(photos, str(tmp_path / "zero"), "--lr", "0")
+  assert proc.returncode == 2 and "lr" in proc.stderr and not os.path.exists(tmp_path / "zero")
+  # Without --warmup, a short run warms up over its first tenth and trains at --lr after it;
+  # the move to a finer grid is announced.
+  flags = [f for i, f in enumerate(TRAIN) if "--warmup" not in (f, TRAIN[i - 1])]
+  run = str(tmp_path / "short")
+  proc = subprocess.run(cli_command("train", photos, "--out", run, *flags, *CACHE, "--steps",
+                                    "20", "--save-every", "20", "--eval-every", "20"),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(run, "run.json")))["settings"]["optimization"][
+      "warmup_steps"] == 2
+  lrs = {l["step"]: l["lr"] for l in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
+         if l["kind"] == "train"}
+  assert lrs[1] == pytest.approx(1e-3 / 2) and lrs[20] == pytest.approx(1e-3)
+  assert "step 10: the curriculum moves from grid spacing 64 to 16" in proc.stderr
