@@ -59,19 +59,27 @@ def _checkpointer():
   return ocp.StandardCheckpointer()
 
 
-def _save_tree(path: str, tree) -> None:
-  """Writes one tree of jax arrays, synchronously, as a plain (non-OCDBT) Orbax checkpoint.
+# OCDBT, Orbax's aggregated store: a model is a few files (the demo model 30; the released
+# decoder 132, where the plain store wrote 820). OCDBT buffers a data file's bytes until it
+# is written, and by default a data file grows as large as the model, which held the model
+# twice (4.65 GiB peak converting a 2.31 GiB file). With 16 MiB data files and at most 1 GB
+# in flight the peak is 2.72 GiB (median of 8 runs, 2.71-2.87), at or below the plain
+# store's 2.84-2.88 GiB (32 MiB: 2.83-3.15,
+# 64 MiB: 2.86-3.20; benchmarks/convert_memory.py, 2-core CPU).
+OCDBT_DATA_FILE_BYTES = 16 << 20
+SAVE_CONCURRENT_GB = 1
 
-  OCDBT, Orbax's default, buffers every array's encoded bytes until it commits, which holds
-  the whole model a second time (measured: 1.98x the file size at peak instead of 1.07x,
-  benchmarks/convert_memory.py). Plain zarr writes chunk by chunk; StandardCheckpointer
-  restores either format. Numpy leaves are avoided: Orbax's numpy path copies them too.
-  """
+
+def _save_tree(path: str, tree) -> None:
+  """Writes one tree of jax arrays, synchronously, as an OCDBT Orbax checkpoint.
+  StandardCheckpointer restores it, and the plain stores earlier versions wrote. Numpy
+  leaves are avoided: Orbax's numpy path copies them."""
   import orbax.checkpoint as ocp
-  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, save_concurrent_gb=SAVE_CONCURRENT_GB)
+  save_args = ocp.args.PyTreeSave(tree, ocdbt_target_data_file_size=OCDBT_DATA_FILE_BYTES)
   try:
     with ocp.Checkpointer(handler) as ckpt:
-      ckpt.save(path, args=ocp.args.PyTreeSave(tree))
+      ckpt.save(path, args=save_args)
   except OSError:
     raise
   except Exception as e:
@@ -396,7 +404,7 @@ def _restore(path: str, name: str, config, halves, dtype, sharding):
       lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else a.dtype,
                                      sharding=sharding), stored)
   try:
-    return _checkpointer().restore(os.path.join(path, name), target)
+    return _checkpointer().restore(_orbax_path(path, name), target)
   except Exception as e:
     raise CheckpointError(f"{path}: the {name} could not be restored; the checkpoint is"
                           f" truncated or corrupt ({type(e).__name__}: {str(e)[:300]})")
@@ -415,10 +423,15 @@ def _check_sharding(sharding, stored) -> None:
                        f" ({e})") from None
 
 
+def _orbax_path(path: str, name: str) -> str:
+  # Absolute: Orbax reads an OCDBT store's metadata wrongly through a relative path.
+  return os.path.abspath(os.path.join(path, name))
+
+
 def _stored_specs(path: str, name: str):
   """Shapes/dtypes as stored, from Orbax metadata (no data read)."""
   try:
-    meta = _checkpointer().metadata(os.path.join(path, name))
+    meta = _checkpointer().metadata(_orbax_path(path, name))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     if not isinstance(tree, dict):
