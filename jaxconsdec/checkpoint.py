@@ -64,8 +64,8 @@ def _checkpointer():
 # is written, and by default a data file grows as large as the model, which held the model
 # twice (4.65 GiB peak converting a 2.31 GiB file). With 16 MiB data files and at most 1 GB
 # in flight the peak is 2.72 GiB (median of 8 runs, 2.71-2.87), at or below the plain
-# store's 2.84-2.88 GiB (32 MiB: 2.83-3.15,
-# 64 MiB: 2.86-3.20; benchmarks/convert_memory.py, 2-core CPU).
+# store's 2.84-2.88 GiB (32 MiB files: 2.83-3.15, 64 MiB: 2.86-3.20;
+# benchmarks/convert_memory.py, 2-core CPU).
 OCDBT_DATA_FILE_BYTES = 16 << 20
 SAVE_CONCURRENT_GB = 1
 
