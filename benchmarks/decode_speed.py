@@ -5,7 +5,7 @@ Per (size, batch): ms/image and images/s for each implementation (median of --re
 alternating runs, after a warm-up), the ratio jaxconsdec/reference per repeat (median and
 spread), jaxconsdec's compile time, XLA's compiled memory, the device's peak memory (GPU),
 torch's peak (GPU), and model FLOP utilisation: FLOPs from XLA's cost analysis (checked
-against SPEC section 6) over the peak FLOP/s of a large matmul measured on the same device.
+against docs/model.md's count) over the peak FLOP/s of a large matmul measured on the same device.
 The jaxconsdec runs are timed under `jax.transfer_guard("disallow")`: no hidden host
 transfers. Writes benchmarks/results/decode_speed_<backend>.json and .md.
 
@@ -28,7 +28,7 @@ from timing import best_seconds, matmul_peak, xla_flops
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-SPEC_TFLOP_PER_FORWARD_256 = 8.41  # SPEC section 6, scales with pixel count
+SPEC_TFLOP_PER_FORWARD_256 = 8.41  # docs/model.md, scales with pixel count
 SCHEDULE = (1.0, 0.5)
 
 

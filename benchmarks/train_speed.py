@@ -2,7 +2,7 @@
 written with PyTorch on diffusers' UNet2DModel, and the compiled memory of a step.
 
 The step (both sides): student forward and backward at t_hi, teacher forward at t_lo without
-gradients, the pseudo-Huber loss of TRAINING.md, gradients clipped to global norm 1, Adam.
+gradients, the pseudo-Huber loss of docs/training.md, gradients clipped to global norm 1, Adam.
 The two frameworks cannot both hold a 621M-parameter model with its Adam state in 24 GB, so
 they alternate by *process*: round r runs jaxconsdec for --steps steps in one process, then
 torch in another (JAX reuses its compiled program from a persistent cache after the first
@@ -23,7 +23,7 @@ Memory: XLA's compiled memory (arguments, outputs, temporaries) of the whole tra
 
 Throughput (the GPU check): the whole trainer step (encoder, pair draws, loss, Adam, EMA)
 of the released widths on the default device: images/s, and MFU = FLOPs by XLA's cost
-analysis (TRAINING.md's estimate, ~4 UNet forwards = 34 TFLOP per 256x256 example, beside
+analysis (docs/training.md's estimate, ~4 UNet forwards = 34 TFLOP per 256x256 example, beside
 it) over the time, over the peak of a large matmul measured on the same device.
 
   python benchmarks/train_speed.py speed --size 64 --batch 1 --rounds 3 --steps 3
@@ -49,7 +49,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 T_LO, T_HI = 496, 512  # a released-grid pair: the teacher runs
-TFLOP_PER_EXAMPLE_256 = 34.0  # TRAINING.md: ~4 UNet forwards per 256x256 example
+TFLOP_PER_EXAMPLE_256 = 34.0  # docs/training.md: ~4 UNet forwards per 256x256 example
 
 
 def _inputs(batch, size):

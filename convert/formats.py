@@ -1,6 +1,6 @@
 """Which published layout a file is (from its content), and its tensors under diffusers names.
 
-Layouts (SPEC section 4):
+Layouts (docs/weights.md):
   torchscript  OpenAI's `decoder.pt`: raw names (`blocks.down_0_conv_0.f_1.w`, ...)
   diffusers    `ConsistencyDecoderVAE` safetensors: `decoder_unet.` + UNet2DModel names, with
                the SD VAE `encoder.*` and `quant_conv.*` beside them
@@ -33,7 +33,7 @@ from jaxconsdec.files import open_regular
 DIFFUSERS_PREFIX = "decoder_unet."
 EXTRA_PREFIXES = ("encoder.", "quant_conv.")
 
-# Raw TorchScript module letters -> diffusers module / parameter names (SPEC 4.1).
+# Raw TorchScript module letters -> diffusers module / parameter names (docs/model.md).
 _RAW_MODULES = {"gn_1": "norm1", "gn_2": "norm2", "f_1": "conv1", "f_2": "conv2",
                 "f_t": "time_emb_proj", "f_s": "conv_shortcut"}
 _RAW_LEAVES = {"w": "weight", "b": "bias", "g": "weight"}
@@ -282,8 +282,8 @@ def _read_torchscript(path: str, config: UNetConfig):
       continue
     readers[mapped] = (lambda r=ref: archive.read(r))
     specs[mapped] = (ref.shape, ref.storage.dtype)
-  # The time-embedding table has no raw name (SPEC 4): the one tensor of its shape, among the
-  # unnamed parameters or the code's constants.
+  # The time-embedding table has no raw name (docs/model.md): the one tensor of its shape,
+  # among the unnamed parameters or the code's constants.
   want = (config.num_train_timesteps, config.block_out_channels[0])
   candidates = [(n, r) for n, r in unmapped.items() if r.shape == want]
   candidates += [(None, r) for r in archive.constants if r.shape == want]

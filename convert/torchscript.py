@@ -1,4 +1,4 @@
-"""A torch-free reader of TorchScript archives (`decoder.pt`), SPEC section 5.
+"""A torch-free reader of TorchScript archives (`decoder.pt`), docs/model.md.
 
 The archive is a ZIP: `<root>/data.pkl` pickles the module tree, `<root>/data/<key>` hold raw
 little-endian storages, `<root>/constants.pkl` + `<root>/constants/<key>` the code's tensor

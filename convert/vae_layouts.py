@@ -1,4 +1,4 @@
-"""The SD VAE's published layouts under diffusers `AutoencoderKL` names (TRAINING.md section 3).
+"""The SD VAE's published layouts under diffusers `AutoencoderKL` names (docs/weights.md).
 
   autoencoder  diffusers AutoencoderKL safetensors (`vae/diffusion_pytorch_model.safetensors`,
                its config.json beside it): encoder.*, decoder.*, quant_conv.*,

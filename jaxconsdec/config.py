@@ -25,7 +25,7 @@ import jax.numpy as jnp
 _DTYPES = ("float32", "bfloat16", "float16")
 _PRECISIONS = ("default", "high", "highest")
 
-# The SD 1.x/2.x latent space the released decoder was trained on (SPEC section 2): the
+# The SD 1.x/2.x latent space the released decoder was trained on (docs/model.md): the
 # VAE's scaling factor, and the mean and std of scaled latents, per channel.
 SD_SCALING_FACTOR = 0.18215
 SD_LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
@@ -240,7 +240,7 @@ CONSISTENCY_DECODER = UNetConfig()
 # A narrow model of the same topology for tests: every code path, a fraction of the cost.
 TINY = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=8)
 
-# The Stable Diffusion VAEs (TRAINING.md section 3): one architecture, four latent spaces.
+# The Stable Diffusion VAEs (docs/roundtrip.md): one architecture, four latent spaces.
 SD_VAE = VAEConfig()                                          # SD 1.x / 2.x
 SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 SD3_VAE = VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,

@@ -1,6 +1,6 @@
 """The consistency sampler and the public `decode`.
 
-Algorithm (SPEC section 2, the original OpenAI loop):
+Algorithm (docs/model.md, the original OpenAI loop):
 
     z  = nearest_upsample_x8(((latents - shift) * scale - mean) / std)   # SD 1.x: shift 0,
                                                                         # scale 0.18215

@@ -1,7 +1,7 @@
 """The consistency schedule: coefficient tables and the schedule -> timestep mapping.
 
 Everything here is float32 numpy, computed once at import exactly as the reference does
-(SPEC section 2; diffusers `ConsistencyDecoderScheduler.__init__`): betas from the cosine
+(docs/model.md; diffusers `ConsistencyDecoderScheduler.__init__`): betas from the cosine
 alpha-bar in float64, then every later operation in float32, in the reference's order, so
 the tables agree with diffusers' to the last ulp. They never change with the compute dtype.
 """

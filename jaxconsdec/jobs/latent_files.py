@@ -36,7 +36,8 @@ import numpy as np
 from jaxconsdec import layout as layouts
 from jaxconsdec.convert import safetensors_file
 from jaxconsdec.files import TMP_PREFIX, open_regular, path_component_problem
-from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS, Failure, Listing, drop_name_clashes, files, unreadable
+from jaxconsdec.inputs.listing import (DEFAULT_MAX_PIXELS, Failure, Listing, drop_name_clashes,
+                                       files, unreadable)
 from jaxconsdec.config import CONSISTENCY_DECODER, UNetConfig
 from jaxconsdec.sampler import UPSAMPLE, channels_message
 

@@ -2,7 +2,7 @@
 
 Parameter names follow diffusers with `.` + index turned into `_` + index, as the UNet's do:
 `encoder/down_blocks_0/resnets_1/conv1`, `encoder/mid_block/attentions_0/to_q`, `quant_conv`,
-`post_quant_conv`, `decoder/up_blocks_2/upsamplers_0/conv` (TRAINING.md section 3).
+`post_quant_conv`, `decoder/up_blocks_2/upsamplers_0/conv` (docs/roundtrip.md).
 
     encode_moments(x):  conv_in -> down blocks (ResNets, then a pad-right-bottom stride-2
                         conv) -> mid (ResNet, attention, ResNet) -> GN, SiLU, conv_out ->

@@ -281,13 +281,14 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
   was, now = (stored.get("settings") or {}).get("steps"), identity["settings"]["steps"]
   if [name for name, _, _ in diffs] == ["settings.steps"] and isinstance(was, int) and now > was:
     raise TrainingSetupError(
-        f"{folder} is a run of {was} steps, and this command asks for {now}. A run's curriculum and warm-up are laid out over its own steps, so"
+        f"{folder} is a run of {was} steps, and this command asks for {now}. A run's"
+        " curriculum and warm-up are laid out over its own steps, so"
         " it is not lengthened in place. To train on from its model, start a new run with"
         f" it as the init: jaxconsdec train IMAGES... --init {folder} --out NEW_RUN_DIR"
         f" --steps N (with the same VAE flag).")
   if diffs:
-    listed = "; ".join(f"{name}: {was} in the run, {now} in this command"
-                       for name, was, now in diffs)
+    listed = "; ".join(f"{name}: {stored_value} in the run, {given} in this command"
+                       for name, stored_value, given in diffs)
     raise TrainingSetupError(
         f"{folder} holds another run. What differs: {listed}. Re-run the run's own command"
         " to resume it, or give --out a new folder")

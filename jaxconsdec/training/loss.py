@@ -1,4 +1,4 @@
-"""The consistency training loss (TRAINING.md section 2, steps 3-7), a public pure function.
+"""The consistency training loss (docs/training.md, section 2), a public pure function.
 
 For each example: x_hi = sqrt(acp[t_hi]) x0 + sqrt(1 - acp[t_hi]) eps; the student
 S = D(x_hi, t_hi; z); the teacher T = x0 where t_lo is the virtual level (-1), else
@@ -99,8 +99,8 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
 
 def denoising_loss(params, images, latents, t, noise, *, config: UNetConfig, dropout_key=None,
                    remat: bool = False) -> jax.Array:
-  """Per-example denoising losses, float32 (B,): stage 1 of a new decoder (TRAINING.md
-  section 2), `lambda(sigma_t) mean((D(x_t, t; z) - x0)^2)` with EDM's weight
+  """Per-example denoising losses, float32 (B,): stage 1 of a new decoder (docs/training.md,
+  section 3), `lambda(sigma_t) mean((D(x_t, t; z) - x0)^2)` with EDM's weight
   lambda = (sigma^2 + sd^2) / (sigma sd)^2, sd = 0.5: the target is the clean image.
   Arguments as `consistency_loss`, with one timestep `t` (B,) per example."""
   params, x0, eps, z, keys = _checked(params, images, latents, noise, config, dropout_key)

@@ -1,5 +1,5 @@
 """Which pair of noise levels each training example uses: the grids, the curriculum and the
-pair law (TRAINING.md section 2).
+pair law (docs/training.md, section 2).
 
 The decoder's time input is a learned 1024-row table, so consistency training runs on
 sub-grids of it: `G_delta = {virtual level sigma = 0} + {delta, 2 delta, ..., <= 1008}`. The
@@ -114,6 +114,6 @@ def snap_to_table(log_sigma: jax.Array) -> jax.Array:
 
 def draw_levels(keys: jax.Array) -> jax.Array:
   """Denoising pre-training's levels: sigma from the lognormal (P_MEAN, P_STD), snapped to
-  the table (TRAINING.md section 2, stage 1). One timestep per key."""
+  the table (docs/training.md, section 3, stage 1). One timestep per key."""
   log_sigma = jax.vmap(lambda k: P_MEAN + P_STD * jax.random.normal(k))(keys.reshape(-1))
   return snap_to_table(log_sigma).reshape(keys.shape)

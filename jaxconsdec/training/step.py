@@ -28,13 +28,13 @@ from jaxconsdec.training.pairs import draw_from_table, draw_levels, pair_count, 
 
 DATA_AXIS = "data"
 # "consistency": consistency training (the decoder's objective). "denoising": stage 1 of a
-# new decoder, denoising pre-training towards the clean image (TRAINING.md section 2).
+# new decoder, denoising pre-training towards the clean image (docs/training.md, section 3).
 OBJECTIVES = ("consistency", "denoising")
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimization:
-  """The optimiser and its schedule (TRAINING.md's proposed defaults for fine-tuning).
+  """The optimiser and its schedule (the recipe's defaults for fine-tuning, docs/training.md).
 
   Adam(b1, b2, eps) on gradients clipped to global norm `clip_norm`, the learning rate rising
   linearly over `warmup_steps` (lr x (n + 1) / warmup at update n) and then constant; no

@@ -8,7 +8,7 @@ work=${1:?usage: bash samples/demo/train.sh WORK_DIR}
 python samples/demo/photos.py "$work"
 python samples/demo/train_autoencoder.py "$work/train" "$work/vae" 2000
 # A new decoder: stage 1, denoising pre-training from scratch; stage 2, consistency training
-# from stage 1's model (TRAINING.md section 2).
+# from stage 1's model (docs/training.md, section 3).
 common=(--batch-size 8 --resolution 64 --vae "$work/vae" --ema-decay 0.995 --save-every 200
         --eval-every 200 --log-every 10 --eval-images "$work/held_out" --no-progress)
 jaxconsdec train "$work/train" --out "$work/stage1" --objective denoising --config tiny \
