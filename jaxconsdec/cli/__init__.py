@@ -1,5 +1,6 @@
-"""The `jaxconsdec` command line: one module per command, each parsing and checking its
-flags and then calling the library. This entry point only dispatches.
+"""The `jaxconsdec` command line: one module per command, each declaring its name, help,
+examples and flags (`add_arguments`) and running it (`run`): it checks its flags, then
+calls the library. This entry point only builds the parser and dispatches.
 
 `main(argv)` may be called in-process (tests, notebooks): whatever a command changes for
 its own run (signal handlers, sys.unraisablehook, warnings filters, logger levels, JAX's
@@ -22,13 +23,13 @@ import warnings
 from jaxconsdec import __version__
 from jaxconsdec.cli import convert, decode, encode, eval as eval_, sample, train
 from jaxconsdec.cli.common import (EXIT_ENVIRONMENT, EXIT_INPUTS_FAILED, EXIT_INTERNAL,
-                                   EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError,
-                                   usage_errors)
+                                   EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HelpFormatter,
+                                   UsageError, usage_errors)
 
 COMMANDS = (convert, decode, encode, eval_, train, sample)
 DESCRIPTION = ("OpenAI's Consistency Decoder in JAX: turn Stable Diffusion 1.x/2.x latents into"
                " images.\n\n"
-               + "".join(f"  {c.EXAMPLE}\n      {c.SUMMARY}\n" for c in COMMANDS)
+               + "".join(f"  {c.EXAMPLES[0]}\n      {c.SUMMARY}\n" for c in COMMANDS)
                + "\nRun `jaxconsdec COMMAND --help` for a command's flags.\n")
 EXIT_STATUSES = """\
 exit status:
@@ -51,22 +52,30 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--version", action="version", version=f"jaxconsdec {__version__}")
   sub = p.add_subparsers(dest="command", required=True)
   for command in COMMANDS:
-    command.add_parser(sub)
+    epilog = ("examples:\n" + "".join(f"  {e}\n" for e in command.EXAMPLES)
+              + (f"\n{command.NOTE}\n" if hasattr(command, "NOTE") else ""))
+    cp = sub.add_parser(command.NAME, help=command.HELP, epilog=epilog,
+                        formatter_class=HelpFormatter)
+    command.add_arguments(cp)
+    cp.set_defaults(run=command.run)
   return p
 
 
 @contextlib.contextmanager
-def _command_scope(verbose: bool):
+def _command_scope(verbose: bool, console: bool):
   """What a command changes for its run, put back afterwards. Unless --verbose, Orbax's and
   tensorstore's hundreds of asyncio tracebacks around one failed write (from their threads,
   through sys.unraisablehook, the asyncio logger and warnings about coroutines left
-  pending) are not shown: the user sees jaxconsdec's one-line message."""
+  pending) are not shown: the user sees jaxconsdec's one-line message. In the console
+  script the quieting stays until the process ends, since the libraries' threads still
+  report while the interpreter shuts down."""
   main_thread = threading.current_thread() is threading.main_thread()
   handlers = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
               if main_thread else {})
   levels = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
   hook = sys.unraisablehook
-  with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+  kept_warnings = contextlib.nullcontext() if console else warnings.catch_warnings()
+  with kept_warnings, contextlib.ExitStack() as restore:
     if not verbose:
       for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
@@ -75,9 +84,10 @@ def _command_scope(verbose: bool):
     try:
       yield restore
     finally:
-      sys.unraisablehook = hook
-      for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+      if not console:
+        sys.unraisablehook = hook
+        for name, level in levels.items():
+          logging.getLogger(name).setLevel(level)
       for signum, handler in handlers.items():
         signal.signal(signum, handler)
 
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None, *, console: bool = False) -> int:
   `jaxconsdec` script), so process-wide settings are allowed."""
   args = parser().parse_args(argv)  # a wrong flag exits 2 here, with argparse's message
   hint = "" if args.verbose else " (--verbose shows more)"
-  with _command_scope(args.verbose) as restore:
+  with _command_scope(args.verbose, console) as restore:
     args.restore, args.console = restore, console
     try:
       return args.run(args)

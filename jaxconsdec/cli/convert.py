@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import sys
 
-from jaxconsdec.cli.common import (EXIT_OK, VAE_PRESETS, HelpFormatter, UsageError, add_verbose,
+from jaxconsdec.cli.common import (EXIT_OK, VAE_PRESETS, UsageError, add_verbose,
                                    config_arg, ctrl_c_requests_stop, describe_config,
                                    describe_vae, vae_config_arg)
 
-EXAMPLE = "jaxconsdec convert decoder.pt -o consdec-ckpt"
+NAME = "convert"
+HELP = ("convert published PyTorch weights (decoder.pt or safetensors) into a"
+        " jaxconsdec checkpoint; needs no torch")
 SUMMARY = "convert the published weights once"
+EXAMPLES = ("jaxconsdec convert decoder.pt -o consdec-ckpt",
+            "jaxconsdec convert vae/diffusion_pytorch_model.safetensors -o sd-vae-ckpt")
 
 
-def add_parser(sub) -> None:
-  p = sub.add_parser(
-      "convert", help="convert published PyTorch weights (decoder.pt or safetensors) into a"
-      " jaxconsdec checkpoint; needs no torch", formatter_class=HelpFormatter,
-      epilog=f"example:\n  {EXAMPLE}\n  jaxconsdec convert vae/diffusion_pytorch_model"
-      ".safetensors -o sd-vae-ckpt")
+def add_arguments(p) -> None:
   p.add_argument("sources", nargs="+", metavar="SRC",
                  help="weight file; for the raw layout, the embedding file may follow")
   p.add_argument("-o", "--output", required=True, help="checkpoint folder to create")
@@ -35,7 +34,6 @@ def add_parser(sub) -> None:
   p.add_argument("--force", action="store_true",
                  help="replace an existing checkpoint at OUT (nothing else is replaced)")
   add_verbose(p)
-  p.set_defaults(run=run)
 
 
 def run(args) -> int:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from jaxconsdec.cli.common import (PRESETS, HelpFormatter, add_job_flags, agreed,
+from jaxconsdec.cli.common import (PRESETS, add_job_flags, agreed,
                                    check_job_flags, run_job, schedule_arg, start_job_runtime,
                                    weights_arg)
 
-EXAMPLE = "jaxconsdec decode LATENTS... -o OUT --weights consdec-ckpt"
+NAME = "decode"
+HELP = ("decode latent files into images on every device of every process;"
+        " re-running resumes")
 SUMMARY = "decode files of latents"
+EXAMPLES = ("jaxconsdec decode LATENTS... -o OUT --weights consdec-ckpt",
+            "jaxconsdec decode samples/latents -o decoded --weights samples/demo/model")
 
 
-def add_parser(sub) -> None:
-  p = sub.add_parser(
-      "decode", help="decode latent files into images on every device of every process;"
-      " re-running resumes", formatter_class=HelpFormatter,
-      epilog=f"example:\n  {EXAMPLE}\n  jaxconsdec decode samples/latents -o decoded"
-      " --weights samples/demo/model")
+def add_arguments(p) -> None:
   p.add_argument("inputs", nargs="+", metavar="INPUT",
                  help=".npy, .npz or .safetensors files, or folders of them")
   p.add_argument("-o", "--output", required=True, help="output folder")
@@ -37,7 +36,6 @@ def add_parser(sub) -> None:
   p.add_argument("--format", choices=("png", "npy"), default="png",
                  help="png (uint8) or npy (float32 in [-1, 1])")
   add_job_flags(p, "latents whose image has")
-  p.set_defaults(run=run)
 
 
 def run(args) -> int:

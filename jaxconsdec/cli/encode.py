@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from jaxconsdec.cli.common import (VAE_PRESETS, HelpFormatter, add_job_flags, agreed,
+from jaxconsdec.cli.common import (VAE_PRESETS, add_job_flags, agreed,
                                    check_job_flags, load_vae, run_job, start_job_runtime)
 
-EXAMPLE = "jaxconsdec encode IMAGES... -o LATENTS --vae sd-vae-ckpt"
+NAME = "encode"
+HELP = ("encode PNG/JPEG images into latent files with the SD VAE's encoder, on"
+        " every device of every process; re-running resumes")
 SUMMARY = "images to latent files (SD VAE)"
+EXAMPLES = ("jaxconsdec encode IMAGES... -o LATENTS --vae sd-vae-ckpt",
+            "jaxconsdec encode photos/ -o latents --vae samples/demo/model --fit crop")
 
 
-def add_parser(sub) -> None:
-  p = sub.add_parser(
-      "encode", help="encode PNG/JPEG images into latent files with the SD VAE's encoder, on"
-      " every device of every process; re-running resumes", formatter_class=HelpFormatter,
-      epilog=f"example:\n  {EXAMPLE}\n  jaxconsdec encode photos/ -o latents --vae"
-      " samples/demo/model --fit crop")
-  p.add_argument("inputs", nargs="+", metavar="IMAGE", help="PNG or JPEG files, or folders of them")
+def add_arguments(p) -> None:
+  p.add_argument("inputs", nargs="+", metavar="IMAGE",
+                 help="PNG or JPEG files, or folders of them")
   p.add_argument("-o", "--output", required=True, help="output folder")
   p.add_argument("--vae", required=True,
                  help="checkpoint folder holding the VAE (or its encoder), or a VAE weight"
@@ -32,7 +32,6 @@ def add_parser(sub) -> None:
                  help="npy or safetensors (tensor 'latent' with the sizes in its metadata);"
                  " raw (C, h, w) float32 latents either way")
   add_job_flags(p, "images with")
-  p.set_defaults(run=run)
 
 
 def run(args) -> int:

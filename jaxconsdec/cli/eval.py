@@ -6,19 +6,18 @@ import os
 import sys
 
 from jaxconsdec.cli.common import (EXIT_INPUTS_FAILED, EXIT_OK, MAX_SEED, VAE_PRESETS,
-                                   HelpFormatter, UsageError, add_verbose, check_seed, load_vae,
+                                   UsageError, add_verbose, check_seed, load_vae,
                                    schedule_arg, weights_arg)
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
 
-EXAMPLE = "jaxconsdec eval IMAGES... -o REPORT --weights consdec-ckpt --vae sd-vae-ckpt"
+NAME = "eval"
+HELP = ("encode images, decode them with the SD VAE's decoder and the Consistency"
+        " Decoder, and report PSNR, SSIM, time and side-by-side pictures")
 SUMMARY = "compare the decoders on your pictures"
+EXAMPLES = ("jaxconsdec eval IMAGES... -o REPORT --weights consdec-ckpt --vae sd-vae-ckpt",)
 
 
-def add_parser(sub) -> None:
-  p = sub.add_parser(
-      "eval", help="encode images, decode them with the SD VAE's decoder and the Consistency"
-      " Decoder, and report PSNR, SSIM, time and side-by-side pictures",
-      formatter_class=HelpFormatter, epilog=f"example:\n  {EXAMPLE}")
+def add_arguments(p) -> None:
   p.add_argument("inputs", nargs="+", metavar="IMAGE", help="PNG or JPEG files, or folders")
   p.add_argument("-o", "--output", required=True, help="report folder")
   p.add_argument("--weights", required=True,
@@ -38,7 +37,7 @@ def add_parser(sub) -> None:
   p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                  help="refuse images with more than N pixels (default 2048x2048; 0: no limit)")
   add_verbose(p)
-  p.set_defaults(run=run, random_weights=None)
+  p.set_defaults(random_weights=None)
 
 
 def run(args) -> int:

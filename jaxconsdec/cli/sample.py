@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import time
 
-from jaxconsdec.cli.common import (EXIT_OK, MAX_SEED, PRESETS, HelpFormatter, UsageError,
+from jaxconsdec.cli.common import (EXIT_OK, MAX_SEED, PRESETS, UsageError,
                                    add_verbose, check_seed, config_arg, schedule_arg)
 
-EXAMPLE = "jaxconsdec sample -o sample.png"
+NAME = "sample"
+HELP = ("decode sample latents with RANDOM weights and write a PNG (smoke test)")
 SUMMARY = "smoke test with random weights"
+EXAMPLES = ("jaxconsdec sample -o sample.png",)
 
 
-def add_parser(sub) -> None:
-  p = sub.add_parser(
-      "sample", help="decode sample latents with RANDOM weights and write a PNG (smoke test)",
-      formatter_class=HelpFormatter, epilog=f"example:\n  {EXAMPLE}")
+def add_arguments(p) -> None:
   p.add_argument("-o", "--output", default="sample.png", help="PNG path")
   p.add_argument("--model", choices=PRESETS, default="tiny",
                  help="architecture: the released 621M UNet or the tiny test one")
@@ -23,7 +22,6 @@ def add_parser(sub) -> None:
   p.add_argument("--schedule", default="1.0,0.5", help="comma-separated values in [0, 1]")
   p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
   add_verbose(p)
-  p.set_defaults(run=run)
 
 
 def run(args) -> int:

@@ -7,13 +7,19 @@ import signal
 import sys
 
 from jaxconsdec.cli.common import (EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK, VAE_PRESETS,
-                                   HelpFormatter, UsageError, add_job_flags, agreed,
-                                   check_job_flags, config_arg, ctrl_c_requests_stop, load_vae,
+                                   UsageError, add_job_flags, agreed, check_job_flags,
+                                   config_arg, ctrl_c_requests_stop, load_vae,
                                    start_job_runtime, vae_config_arg, weights_arg)
 
-EXAMPLE = ("jaxconsdec train PHOTOS/ --out run --init consdec-ckpt --vae sd-vae-ckpt"
-           " --steps 20000")
+NAME = "train"
+HELP = ("consistency-train a decoder on images: fine-tune one (--init) or train"
+        " one for a VAE's latents from scratch (--config)")
 SUMMARY = "fine-tune a decoder, or train one"
+EXAMPLES = ("jaxconsdec train PHOTOS/ --out run --init consdec-ckpt --vae sd-vae-ckpt"
+            " --steps 20000",
+            "jaxconsdec train PHOTOS/ --out flux-run --config released --vae flux-vae-ckpt"
+            " --steps 200000 --bf16")
+NOTE = "The recipe, its defaults and its sources: docs/training.md in the repository."
 MAX_WARMUP = 1000  # the recipe's warm-up; shorter runs warm up over their first tenth
 
 
@@ -21,13 +27,7 @@ def default_warmup(steps: int) -> int:
   return min(MAX_WARMUP, steps // 10)
 
 
-def add_parser(sub) -> None:
-  p = sub.add_parser(
-      "train", help="consistency-train a decoder on images: fine-tune one (--init) or train"
-      " one for a VAE's latents from scratch (--config)", formatter_class=HelpFormatter,
-      epilog=f"examples:\n  {EXAMPLE}\n  jaxconsdec train PHOTOS/ --out flux-run --config"
-      " released --vae flux-vae-ckpt --steps 200000 --bf16\n\nThe recipe, its defaults and"
-      " its sources: docs/training.md in the repository.")
+def add_arguments(p) -> None:
   p.add_argument("inputs", nargs="+", metavar="IMAGE", help="PNG or JPEG files, or folders")
   p.add_argument("--out", dest="output", required=True, metavar="RUN_DIR",
                  help="the run folder (the same command on it again resumes the run)")
@@ -78,7 +78,6 @@ def add_parser(sub) -> None:
                    help="held-out PSNR and sample grid every N steps (and at the end)")
   out.add_argument("--log-every", type=int, default=10, help="a metrics line every N steps")
   add_job_flags(p, "images with")
-  p.set_defaults(run=run)
 
 
 def run(args) -> int:
