@@ -224,3 +224,35 @@ def test_lying_headers_and_deflate_bombs_keep_memory_bounded(tmp_path):
   assert os.path.exists(tmp_path / "out" / "good.png")
   print(f"peak RSS {run.peak_rss / GIB:.2f} GiB")
   assert run.peak_rss < GIB, run.peak_rss
+
+
+def _poisoned(tree, leaf_path):
+  """A copy of a param tree whose leaf at `leaf_path` is NaN: every output is then NaN."""
+  import jax
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x * np.nan if jax.tree_util.keystr(p) == leaf_path else x, tree)
+
+
+def test_a_finite_input_with_broken_weights_is_a_listed_failure_not_a_black_image(
+    tmp_path, capsys):
+  import jaxconsdec as jcd
+  from PIL import Image
+  from jaxconsdec import checkpoint
+  params = _poisoned(jcd.random_params(jcd.TINY, seed=0), "['conv_out']['bias']")
+  checkpoint.save(str(tmp_path / "nan-decoder"), params, jcd.TINY, {})
+  vae = _poisoned(jcd.random_params(jcd.TINY_VAE, seed=0, halves=("encoder",)),
+                  "['quant_conv']['bias']")
+  checkpoint.save(str(tmp_path / "nan-vae"), None, None, {}, vae_params=vae,
+                  vae_config=jcd.TINY_VAE, vae_halves=("encoder",))
+  np.save(tmp_path / "x.npy", _latent(4, 2, 2))
+  Image.new("RGB", (16, 16), "white").save(tmp_path / "x.png")
+  for command, src, flags, out in (
+      ("decode", "x.npy", ["--weights", str(tmp_path / "nan-decoder")], tmp_path / "dec"),
+      ("encode", "x.png", ["--vae", str(tmp_path / "nan-vae")], tmp_path / "enc")):
+    code = cli.main([command, str(tmp_path / src), "-o", str(out), *flags,
+                     "--no-compile-cache", "--no-progress"])
+    assert code == cli.EXIT_INPUTS_FAILED, command
+    failures = json.load(open(out / "failures.json"))["failures"]
+    assert len(failures) == 1 and "NaN or inf" in failures[0]["reason"], failures
+    assert "broken" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["failures.json", "jaxconsdec-job.json"], command

@@ -330,3 +330,30 @@ def test_the_command_fits_its_steps_and_names_what_differs(uninterrupted, photos
          if l["kind"] == "train"}
   assert lrs[1] == pytest.approx(1e-3 / 2) and lrs[20] == pytest.approx(1e-3)
   assert "step 10: the curriculum moves from grid spacing 64 to 16" in proc.stderr
+
+
+def _strict_json(line):
+  def refuse(token):
+    raise ValueError(f"{token} is not JSON")
+  return json.loads(line, parse_constant=refuse)
+
+
+def test_a_run_that_goes_nan_stops_keeps_finite_checkpoints_and_exports_nothing(photos,
+                                                                              tmp_path):
+  run = str(tmp_path / "nan")
+  proc = _train(photos, run, "--lr", "1e6")
+  assert proc.returncode == 5, proc.stderr[-3000:]
+  assert "diverged" in proc.stderr and "NaN or inf at step" in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(os.path.join(run, "model"))  # nothing exported
+  lines = [_strict_json(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+  assert any(l["kind"] == "train" and l["loss"] is None for l in lines)
+  # The checkpoints kept hold finite states only.
+  import orbax.checkpoint as ocp
+  steps = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")) if s.isdigit())
+  assert steps, "the last good checkpoint is kept"
+  for s in steps:
+    state = ocp.PyTreeCheckpointer().restore(os.path.join(run, "checkpoints", str(s), "state"))
+    import jax
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)), s
+  bad = [l["step"] for l in lines if l["kind"] == "train" and l["loss"] is None]
+  assert max(steps) < min(bad)

@@ -38,6 +38,7 @@ exit status:
   2    the command was wrong (a flag, the weights, what OUT_DIR holds), found before any work
   3    stopped by the environment: disk full, permission denied, I/O error, out of memory
   4    internal error, a bug in jaxconsdec: the traceback is printed
+  5    train: the loss went NaN or inf; nothing exported, the last good checkpoint kept
   130  interrupted (Ctrl-C); nothing half-written is left behind
 """
 QUIETED_LOGGERS = ("absl", "asyncio")

@@ -16,6 +16,7 @@ from typing import Optional
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
 
 EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_DIVERGED = 5  # train: the loss went NaN or inf
 EXIT_INTERRUPTED = 130
 MAX_SEED = 2**32 - 1  # JAX keys hold 32 bits of an int seed: larger seeds would collide
 PRESETS = ("released", "tiny")

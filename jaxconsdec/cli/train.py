@@ -6,7 +6,8 @@ import argparse
 import signal
 import sys
 
-from jaxconsdec.cli.common import (EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK, VAE_PRESETS,
+from jaxconsdec.cli.common import (EXIT_DIVERGED, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK,
+                                   VAE_PRESETS,
                                    UsageError, add_job_flags, agreed, check_job_flags,
                                    config_arg, ctrl_c_requests_stop, load_vae,
                                    start_job_runtime, vae_config_arg, weights_arg)
@@ -153,11 +154,15 @@ def run(args) -> int:
   params, config, init, vae_params, vae_config, vae_identity = agreed(load_models)
   stop = ctrl_c_requests_stop("stopping after this step; saving a checkpoint (Ctrl-C or"
                               " SIGTERM)", also=(signal.SIGTERM,))
-  report = loop.train(args.inputs, args.output, settings, params=params, config=config,
-                      vae_params=vae_params, vae_config=vae_config, from_scratch=scratch,
-                      identities={"init": init, "vae": vae_identity},
-                      eval_inputs=args.eval_images or (), progress=not args.no_progress,
-                      stop=stop, strict=args.strict)
+  try:
+    report = loop.train(args.inputs, args.output, settings, params=params, config=config,
+                        vae_params=vae_params, vae_config=vae_config, from_scratch=scratch,
+                        identities={"init": init, "vae": vae_identity},
+                        eval_inputs=args.eval_images or (), progress=not args.no_progress,
+                        stop=stop, strict=args.strict)
+  except loop.TrainingDivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_DIVERGED
   if jax.process_index() == 0:
     for failure in report.failures[:20]:
       print(f"  LEFT OUT {failure.input}: {failure.reason}", file=sys.stderr)

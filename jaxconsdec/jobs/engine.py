@@ -251,6 +251,8 @@ def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
           failures.append(Failure(item.where, unreadable[i]))
         elif not finite[i]:
           failures.append(Failure(item.where, job.nonfinite))
+        elif not np.isfinite(outputs[i]).all():  # finite input, broken weights
+          failures.append(Failure(item.where, NONFINITE_OUTPUT))
         elif environment_error is None:
           problem, environment_error = _write_output(out_dir, item, outputs[i], job)
           if problem:
@@ -266,6 +268,10 @@ def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
     return written, failures, False, None
   finally:
     reader.close()
+
+
+NONFINITE_OUTPUT = ("the output holds NaN or inf values, from a finite input: the weights are"
+                    " broken (a training run that diverged?); nothing was written")
 
 
 def output_path(out_dir: str, item, job: Job) -> str:

@@ -52,6 +52,11 @@ from jaxconsdec.training.step import OBJECTIVES, Optimization, TrainStep, init_s
 EVAL_SCHEDULES = {"1 step": (1.0,), "2 steps": (1.0, 0.5)}
 
 
+class TrainingDivergedError(RuntimeError):
+  """The run's loss, gradient norm or exported EMA went NaN or inf: it stopped, exported
+  nothing, and kept only checkpoints of finite states."""
+
+
 class TrainingSetupError(ValueError):
   """The run cannot start as asked (no usable images, mismatched VAE, another run's folder)."""
 
@@ -142,102 +147,128 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   run_file = os.path.join(run_dir, RUN)
   stored = _read_run(run_file, identity)
   lock = _lock(run_dir) if lead else None
-  if stored is not None:
-    config = UNetConfig.from_json(json.dumps(stored["config"]))
-  elif from_scratch:
-    config = _fit_latent_space(config, encoder, vae_config, listing.items, settings, log)
-  if params is None:  # from scratch: initialised for the latent space now known
-    params = random_params(config, seed=settings.seed)
-  config = config.replace(dtype=settings.compute_dtype)
-  if lead and stored is None:
-    os.makedirs(run_dir, exist_ok=True)
-    write_atomic(run_file, json.dumps({**identity, "config": json.loads(config.to_json())},
-                                      indent=2).encode())
-
-  crops = data.TrainingCrops(listing.items, settings.resolution, settings.seed, settings.flip)
-  step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
-                      deltas=settings.curriculum, remat=settings.remat,
-                      objective=settings.objective)
-  step_fn.check_batch_size(settings.batch_size)
-  vae_encoder = step_fn.replicate(encoder)
-  manager = ocp.CheckpointManager(
-      os.path.join(run_dir, CHECKPOINTS),
-      options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep,
-                                           save_interval_steps=settings.save_every,
-                                           enable_async_checkpointing=True))
-  state = step_fn.replicate(init_state(params, settings.optimization))
-  start = manager.latest_step() or 0
-  if start:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=step_fn.replicated), state)
-    restored = manager.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    state = restored["state"]
-    if restored["data"]["next_example"] != start * settings.batch_size:
-      raise TrainingSetupError(f"{run_dir}: checkpoint {start} is not at this run's data"
-                               " position; the folder holds another run")
-    if lead:
-      print(f"resuming {run_dir} from step {start}", file=log)
-  metrics = _MetricsLog(run_dir, start, lead)
-  report = RunReport(steps_done=start, resumed_from=start, failures=listing.failures,
-                     model_dir=os.path.join(run_dir, MODEL))
-  evaluator = _Evaluator(eval_items, settings, config, encoder, vae_config, run_dir, lead)
-  if start == 0:
-    report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
-
-  per_process = settings.batch_size // jax.process_count()
-  mine = jax.process_index() * per_process
-  bar = tqdm.tqdm(total=settings.steps, initial=start, unit="step", file=log,
-                  disable=not (progress and lead), dynamic_ncols=True)
-  pending, tick, examples = [], time.perf_counter(), 0
-  step = start
-  delta = None
   try:
-    while step < settings.steps:
-      if stop is not None and multihost.any_process(stop.is_set()):
-        report.stopped = True
-        break
-      previous, delta = delta, curriculum_delta(step, settings.steps, settings.curriculum)
-      if (lead and previous is not None and delta != previous
-          and settings.objective == "consistency"):
-        bar.write(f"step {step}: the curriculum moves from grid spacing {previous} to"
-                  f" {delta}; pairs of nearer levels follow, and the loss jumps there by"
-                  " design (it is weighted by 1 / the levels' gap)", file=log)
-      first = step * settings.batch_size
-      state, step_metrics = step_fn(state, vae_encoder, crops.rows(first + mine, per_process),
-                                    first, delta)
-      step += 1
-      pending.append(step_metrics)
-      examples += settings.batch_size
-      if step % settings.log_every == 0 or step == settings.steps:
-        now = time.perf_counter()
-        values = jax.device_get(pending)
-        line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-        line.update(delta=delta, examples_per_s=examples / (now - tick))
-        metrics.write(step, line, "train")
-        bar.set_postfix(loss=f"{line['loss']:.4g}", grid=delta,
-                        steps_s=f"{len(values) / (now - tick):.2f}")
-        pending, tick, examples = [], now, 0
-      bar.update(1)
-      if step % settings.eval_every == 0 or step == settings.steps:
-        report.last_eval = metrics.write(step, evaluator(state["ema"], step), "eval")
-      # Last: a checkpoint at step k means everything logged for step k is on disk.
-      manager.save(step, args=_save_args(state, step, settings))
+    if stored is not None:
+      config = UNetConfig.from_json(json.dumps(stored["config"]))
+    elif from_scratch:
+      config = _fit_latent_space(config, encoder, vae_config, listing.items, settings, log)
+    if params is None:  # from scratch: initialised for the latent space now known
+      params = random_params(config, seed=settings.seed)
+    config = config.replace(dtype=settings.compute_dtype)
+    if lead and stored is None:
+      os.makedirs(run_dir, exist_ok=True)
+      write_atomic(run_file, json.dumps({**identity, "config": json.loads(config.to_json())},
+                                        indent=2).encode())
+
+    crops = data.TrainingCrops(listing.items, settings.resolution, settings.seed, settings.flip)
+    step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
+                        deltas=settings.curriculum, remat=settings.remat,
+                        objective=settings.objective)
+    step_fn.check_batch_size(settings.batch_size)
+    vae_encoder = step_fn.replicate(encoder)
+    manager = ocp.CheckpointManager(
+        os.path.join(run_dir, CHECKPOINTS),
+        options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep,
+                                             save_interval_steps=settings.save_every,
+                                             enable_async_checkpointing=True))
+    state = step_fn.replicate(init_state(params, settings.optimization))
+    start = manager.latest_step() or 0
+    if start:
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=step_fn.replicated), state)
+      restored = manager.restore(start, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+      state = restored["state"]
+      if restored["data"]["next_example"] != start * settings.batch_size:
+        raise TrainingSetupError(f"{run_dir}: checkpoint {start} is not at this run's data"
+                                 " position; the folder holds another run")
+      if lead:
+        print(f"resuming {run_dir} from step {start}", file=log)
+    metrics = _MetricsLog(run_dir, start, lead)
+    report = RunReport(steps_done=start, resumed_from=start, failures=listing.failures,
+                       model_dir=os.path.join(run_dir, MODEL))
+    evaluator = _Evaluator(eval_items, settings, config, encoder, vae_config, run_dir, lead)
+    if start == 0:
+      report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
+
+    per_process = settings.batch_size // jax.process_count()
+    mine = jax.process_index() * per_process
+    bar = tqdm.tqdm(total=settings.steps, initial=start, unit="step", file=log,
+                    disable=not (progress and lead), dynamic_ncols=True)
+    pending, tick, examples = [], time.perf_counter(), 0
+    step = start
+    delta = None
+    diverged = None  # the first step whose loss or gradient norm was not finite
+    try:
+      while step < settings.steps:
+        if stop is not None and multihost.any_process(stop.is_set()):
+          report.stopped = True
+          break
+        previous, delta = delta, curriculum_delta(step, settings.steps, settings.curriculum)
+        if (lead and previous is not None and delta != previous
+            and settings.objective == "consistency"):
+          bar.write(f"step {step}: the curriculum moves from grid spacing {previous} to"
+                    f" {delta}; pairs of nearer levels follow, and the loss jumps there by"
+                    " design (it is weighted by 1 / the levels' gap)", file=log)
+        first = step * settings.batch_size
+        state, step_metrics = step_fn(state, vae_encoder, crops.rows(first + mine, per_process),
+                                      first, delta)
+        step += 1
+        pending.append(step_metrics)
+        examples += settings.batch_size
+        log_now = step % settings.log_every == 0 or step == settings.steps
+        if log_now or manager.should_save(step):  # never a checkpoint of a non-finite state
+          diverged = _first_non_finite(jax.device_get(pending), step)
+        if log_now or diverged is not None:
+          now = time.perf_counter()
+          values = jax.device_get(pending)
+          line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+          line.update(delta=delta, examples_per_s=examples / (now - tick))
+          metrics.write(step, line, "train")
+          if diverged is not None:
+            break
+          bar.set_postfix(loss=f"{line['loss']:.4g}", grid=delta,
+                          steps_s=f"{len(values) / (now - tick):.2f}")
+          pending, tick, examples = [], now, 0
+        bar.update(1)
+        if step % settings.eval_every == 0 or step == settings.steps:
+          report.last_eval = metrics.write(step, evaluator(state["ema"], step), "eval")
+        # Last: a checkpoint at step k means everything logged for step k is on disk.
+        manager.save(step, args=_save_args(state, step, settings))
+    finally:
+      bar.close()
+      if diverged is None and step > (manager.latest_step() or 0):
+        diverged = _first_non_finite(jax.device_get(pending), step)
+        if diverged is None:
+          manager.save(step, args=_save_args(state, step, settings), force=True)
+      manager.wait_until_finished()
+      manager.close()
+      metrics.close()
+    report.steps_done = step
+    if diverged is not None:
+      raise TrainingDivergedError(
+          f"the training diverged: the loss or gradient norm is NaN or inf at step"
+          f" {diverged}. Nothing was exported, and the last checkpoint saved (step"
+          f" {manager.latest_step() or 0}) holds finite values. Lower --lr (or raise"
+          f" --warmup, lower --clip-norm) and start a new run, or --init it from a"
+          f" checkpoint you trust.")
+    if not report.stopped:
+      _export(report.model_dir, state["ema"], config, encoder, vae_config, identity, step, lead)
+      if lead:
+        _write_failures(run_dir, listing.failures)
+    return report
   finally:
-    bar.close()
-    if step > (manager.latest_step() or 0):
-      manager.save(step, args=_save_args(state, step, settings), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    metrics.close()
-  report.steps_done = step
-  if not report.stopped:
-    _export(report.model_dir, state["ema"], config, encoder, vae_config, identity, step, lead)
-    if lead:
-      _write_failures(run_dir, listing.failures)
-  if lock is not None:
-    lock.close()
-  return report
+    if lock is not None:
+      lock.close()
+
+
+def _first_non_finite(values: list, step: int) -> Optional[int]:
+  """The first of the steps `values` (those up to `step`) whose loss or gradient norm is NaN
+  or inf; None if all are finite."""
+  for i, v in enumerate(values):
+    if not (np.isfinite(v["loss"]) and np.isfinite(v["grad_norm"])):
+      return step - len(values) + 1 + i
+  return None
 
 
 def _save_args(state, step: int, settings: RunSettings):
@@ -400,7 +431,11 @@ class _MetricsLog:
   def write(self, step: int, values: dict, kind: str) -> dict:
     if self.lead:
       with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, "kind": kind, "time": time.time(), **values}) + "\n")
+        # NaN and inf are not JSON: they are written as null, so strict readers parse it.
+        entry = {"step": step, "kind": kind, "time": time.time(),
+                 **{k: v if not isinstance(v, float) or np.isfinite(v) else None
+                    for k, v in values.items()}}
+        f.write(json.dumps(entry, allow_nan=False) + "\n")
       if self.writer is not None:
         for name, value in values.items():
           self.writer.add_scalar(f"{kind}/{name}", value, step)
@@ -414,6 +449,10 @@ class _MetricsLog:
 def _export(model_dir, ema, config, encoder, vae_config, identity, step, lead):
   params = jax.device_get(local_copy(ema))
   vae = jax.device_get(encoder)
+  if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)):
+    raise TrainingDivergedError(f"the EMA of the weights holds NaN or inf values at step"
+                                f" {step}: no model was exported. Lower --lr and start a new"
+                                " run.")
   if lead:
     checkpoint.save(model_dir, params, config.replace(dtype="float32"),
                     {"trained_by": "jaxconsdec train", "step": step, "run": identity},
