@@ -83,3 +83,24 @@ def test_eval_without_a_gan_decoder_and_with_bad_images(tmp_path, capsys):
   assert report["decoders"] == ["Consistency Decoder, 1 step"]
   assert [os.path.basename(f["input"]) for f in report["failures"]] == ["chelsea.png"]
   assert "does not divide by 8" in report["failures"][0]["reason"]
+
+
+def test_eval_refuses_a_folder_of_the_users_and_updates_its_own_report(tmp_path, capsys):
+  from hostile import leftovers, snapshot
+  photos, _, _ = _setup(tmp_path)
+  mine = tmp_path / "mine"
+  (mine / "grids").mkdir(parents=True)
+  (mine / "report.md").write_text("my notes")
+  (mine / "report.json").write_text('{"mine": true}')
+  Image.new("RGB", (8, 8)).save(mine / "grids" / "img0.png")
+  before = snapshot(tmp_path)
+  args = ["--weights", str(tmp_path / "cd"), "--vae", str(tmp_path / "vae"), "--fit", "pad"]
+  assert cli.main(["eval", str(photos), "-o", str(mine), *args]) == cli.EXIT_USAGE
+  err = capsys.readouterr().err
+  assert "folder of something else" in err and "Nothing was changed" in err, err
+  assert snapshot(tmp_path) == before and leftovers(tmp_path) == []
+  # Its own report folder, run again, is updated.
+  report = tmp_path / "report"
+  assert cli.main(["eval", str(photos / "coffee.png"), "-o", str(report), *args]) == 0
+  assert cli.main(["eval", str(photos), "-o", str(report), *args]) == 0
+  assert len(json.loads((report / "report.json").read_text())["images"]) == 3

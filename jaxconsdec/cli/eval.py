@@ -44,10 +44,9 @@ def run(args) -> int:
   check_seed(args.seed)
   if args.max_pixels < 0:
     raise UsageError(f"--max-pixels must be positive (or 0 for no limit), got {args.max_pixels}")
-  if os.path.exists(args.output) and not os.path.isdir(args.output):
-    raise UsageError(f"-o {args.output} exists and is not a folder")
   schedules = [schedule_arg(s) for s in args.schedules]
   from jaxconsdec.jobs import evaluate
+  evaluate.check_out_dir(args.output)  # before the weights are read
 
   params, config, _ = weights_arg(args)
   # Without --vae, the decoder's checkpoint may carry one (a ConsistencyDecoderVAE's encoder).

@@ -26,9 +26,9 @@ import numpy as np
 
 from jaxconsdec.autoencoder import encode, vae_decode
 from jaxconsdec.config import UNetConfig, VAEConfig
-from jaxconsdec.files import make_dirs_inside, write_atomic
+from jaxconsdec.files import make_dirs_inside, read_json_object, write_atomic
 from jaxconsdec.images import encode_png, side_by_side, to_uint8
-from jaxconsdec.jobs.engine import example_keys_for
+from jaxconsdec.jobs.engine import JobMismatchError, example_keys_for
 from jaxconsdec.inputs.image_files import list_images, read_pixels
 from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
@@ -37,6 +37,33 @@ from jaxconsdec.sampler import decode
 from jaxconsdec.xla_options import compiler_options
 
 SD_DECODER = "SD VAE decoder"
+
+
+MARKER = "jaxconsdec-eval.json"  # what makes a folder a report of ours, to update
+MARKER_CONTENT = {"written_by": "jaxconsdec eval"}
+
+
+def check_out_dir(out_dir: str) -> None:
+  """A report goes into a new or empty folder, or one that holds a report `eval` wrote
+  (its marker file); anything else is the user's and is refused before any work."""
+  if not os.path.lexists(out_dir):
+    return
+  if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+    raise JobMismatchError(f"-o {out_dir} exists and is not a folder")
+  entries = sorted(os.listdir(out_dir))
+  if not entries:
+    return
+  try:
+    if read_json_object(os.path.join(out_dir, MARKER), 4096) == MARKER_CONTENT:
+      return
+    reason = f"its {MARKER} is not eval's"
+  except (OSError, ValueError) as e:
+    reason = f"no readable {MARKER} ({e.strerror if isinstance(e, OSError) else e})"
+  shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+  raise JobMismatchError(
+      f"-o {out_dir} is a folder of something else ({reason}); it holds {len(entries)}"
+      f" entries ({shown}). eval writes into a new or empty folder, or updates a report it"
+      " wrote: choose another -o. Nothing was changed.")
 
 
 def decoder_name(schedule: Sequence[float]) -> str:
@@ -58,13 +85,16 @@ def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig,
              fit: str = "refuse", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
              progress: bool = True) -> Evaluation:
   """Evaluates every image of `images` and writes the report into `out_dir` (a line per
-  image on stderr with `progress`)."""
+  image on stderr with `progress`). `out_dir` must be new, empty, or an earlier report
+  (`check_out_dir`)."""
+  check_out_dir(out_dir)
   listing = list_images(images, multiple=vae_config.downsample_factor, fit=fit,
                         max_pixels=max_pixels, exclude=[out_dir])
   decoders = ([SD_DECODER] if "decoder" in vae_halves else []) + [
       decoder_name(s) for s in schedules]
   programs = _Programs(params, config, vae_params, vae_config, vae_halves, schedules)
   os.makedirs(out_dir, exist_ok=True)
+  write_atomic(os.path.join(out_dir, MARKER), json.dumps(MARKER_CONTENT).encode())
   rows, failures = [], list(listing.failures)
   for n, item in enumerate(listing.items, 1):
     try:
