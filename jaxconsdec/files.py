@@ -68,6 +68,28 @@ def open_regular(path: str) -> BinaryIO:
     raise
 
 
+def open_regular_for_append(path: str) -> BinaryIO:
+  """Opens (or creates) a regular file for appending; refuses anything else without
+  blocking. A FIFO with no reader fails to open at once (ENXIO) under O_NONBLOCK, where a
+  plain open would wait for a reader forever."""
+  flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+  try:
+    fd = os.open(path, flags, 0o666)
+  except OSError as e:
+    if e.errno == errno.ENXIO:
+      raise NotRegularFileError(errno.EINVAL, "a FIFO, not a regular file", path) from None
+    raise
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      raise NotRegularFileError(errno.EINVAL, f"{kind_of(mode)}, not a regular file", path)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
 def read_json_object(path: str, max_bytes: int = 16 << 20) -> dict:
   """A small JSON object from a regular file. Raises OSError, or ValueError if the file is
   larger than `max_bytes`, not JSON, or not an object."""

@@ -144,9 +144,9 @@ def _command(images, run, *extra):
   return cli_command("train", images, "--out", run, *TRAIN, *CACHE, *extra)
 
 
-def _train(images, run, *extra, **kw):
+def _train(images, run, *extra, timeout=600, **kw):
   return subprocess.run(_command(images, run, *extra), capture_output=True, text=True,
-                        timeout=600, **kw)
+                        timeout=timeout, **kw)
 
 
 def _exported(run):
@@ -357,3 +357,39 @@ def test_a_run_that_goes_nan_stops_keeps_finite_checkpoints_and_exports_nothing(
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)), s
   bad = [l["step"] for l in lines if l["kind"] == "train" and l["loss"] is None]
   assert max(steps) < min(bad)
+
+
+def test_a_tampered_run_folder_is_answered_in_one_line(uninterrupted, photos, tmp_path):
+  import shutil
+  from hostile import snapshot
+  cases = {
+      "a FIFO for metrics.jsonl": ("metrics.jsonl", _fifo_instead, "FIFO"),
+      "a FIFO for the lock": (".lock", _fifo_instead, "FIFO"),
+      "run.json not JSON": ("run.json", lambda p: open(p, "w").write("{not json"),
+                            "unreadable"),
+      "run.json a list": ("run.json", lambda p: open(p, "w").write("[1, 2]"), "unreadable"),
+      "run.json with other widths": ("run.json", lambda p: _edit_widths(p), "block_out_channels"),
+  }
+  for case, (name, tamper, reason) in cases.items():
+    run = tmp_path / case.replace(" ", "-")
+    shutil.copytree(uninterrupted, run)
+    tamper(str(run / name))
+    before = snapshot(tmp_path)
+    proc = _train(photos, str(run), timeout=120)  # a FIFO used to block for good
+    assert proc.returncode == 2, (case, proc.stderr[-3000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and reason in last and "Traceback" not in proc.stderr, (
+        case, proc.stderr[-2000:])
+    assert snapshot(tmp_path) == before, case
+
+
+def _fifo_instead(path):
+  if os.path.lexists(path):
+    os.remove(path)
+  os.mkfifo(path)
+
+
+def _edit_widths(path):
+  run = json.load(open(path))
+  run["config"]["block_out_channels"] = [16, 32, 32, 32]
+  json.dump(run, open(path, "w"))

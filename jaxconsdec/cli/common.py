@@ -145,13 +145,16 @@ def load_vae(path: str, config_flag: Optional[str]):
 
 def ctrl_c_requests_stop(message: str, also: tuple = ()) -> threading.Event:
   """From now on Ctrl-C sets the returned Event instead of raising wherever it lands (in
-  the middle of a library's threads), so the work stops at a clean point. `main` puts the
-  handlers it found back when the command returns."""
+  the middle of a library's threads), so the work stops at a clean point. A second request
+  raises KeyboardInterrupt at once: a process that cannot reach its next clean point (stuck
+  in a read, say) still stops. `main` puts the handlers it found back when the command
+  returns."""
   stop = threading.Event()
 
   def handler(signum, frame):
-    if not stop.is_set():
-      print(message, file=sys.stderr)
+    if stop.is_set():
+      raise KeyboardInterrupt
+    print(f"{message} (again to stop at once)", file=sys.stderr)
     stop.set()
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGINT, *also):  # also: SIGTERM, a pre-emption's notice

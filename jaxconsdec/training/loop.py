@@ -22,6 +22,7 @@ and every random draw are functions of the seed and the example index (`data`, `
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -35,9 +36,10 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from jaxconsdec import checkpoint, multihost
-from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.config import NON_ARCHITECTURE_FIELDS, UNetConfig, VAEConfig
 from jaxconsdec.autoencoder import encode, encoder_half
-from jaxconsdec.files import make_dirs_inside, read_json_object, write_atomic
+from jaxconsdec.files import (NotRegularFileError, make_dirs_inside, open_regular,
+                              open_regular_for_append, read_json_object, write_atomic)
 from jaxconsdec.images import encode_png, side_by_side, to_uint8
 from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.metrics import psnr
@@ -149,7 +151,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   lock = _lock(run_dir) if lead else None
   try:
     if stored is not None:
-      config = UNetConfig.from_json(json.dumps(stored["config"]))
+      config = _stored_config(stored, config, from_scratch, run_file)
     elif from_scratch:
       config = _fit_latent_space(config, encoder, vae_config, listing.items, settings, log)
     if params is None:  # from scratch: initialised for the latent space now known
@@ -283,12 +285,23 @@ def _check_same_everywhere(value, what: str) -> None:
                              " same files")
 
 
+def _run_file(opener, path: str):
+  """A file of the run folder, opened without blocking: a FIFO, device or socket in its
+  place (a tampered folder) is refused in one line instead of hanging the trainer."""
+  try:
+    return opener(path)
+  except NotRegularFileError as e:
+    raise TrainingSetupError(f"{path} is {e.strerror}: this run folder was tampered with."
+                             " Move that entry away and run the same command again (the"
+                             " run resumes from its last checkpoint)") from None
+
+
 def _lock(run_dir: str):
   """An exclusive lock on the run folder for as long as this trainer runs: a second trainer
   on the same folder would interleave two runs' checkpoints."""
   import fcntl
   os.makedirs(run_dir, exist_ok=True)
-  handle = open(os.path.join(run_dir, LOCK), "a")
+  handle = _run_file(open_regular_for_append, os.path.join(run_dir, LOCK))
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -306,7 +319,11 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
       raise TrainingSetupError(f"{folder} is not empty and holds no {RUN}: give"
                                " --out a new folder, or the folder of the run to resume")
     return None
-  stored = read_json_object(path)
+  try:
+    stored = read_json_object(path)
+  except (NotRegularFileError, ValueError) as e:
+    raise TrainingSetupError(f"{path} is unreadable ({e}): this is not a run folder jaxconsdec"
+                             " can resume. Give --out a new folder") from None
   folder = os.path.dirname(path)
   diffs = _differences({k: stored.get(k) for k in identity}, identity)
   was, now = (stored.get("settings") or {}).get("steps"), identity["settings"]["steps"]
@@ -324,6 +341,31 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
         f"{folder} holds another run. What differs: {listed}. Re-run the run's own command"
         " to resume it, or give --out a new folder")
   return stored
+
+
+# What a from-scratch run measures and stores in its config (the VAE's latent space).
+LATENT_FIELDS = ("latent_channels", "in_channels", "scaling_factor", "shift_factor",
+                 "latent_mean", "latent_std")
+
+
+def _stored_config(stored: dict, config: UNetConfig, from_scratch: bool,
+                   path: str) -> UNetConfig:
+  """The decoder config run.json holds, checked against the one this command starts from:
+  the same architecture (and, fine-tuning, the same latent space)."""
+  try:
+    saved = UNetConfig.from_json(json.dumps(stored["config"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise TrainingSetupError(f"{path}: its config is unreadable ({type(e).__name__}: {e}):"
+                             " the run folder was tampered with. Give --out a new"
+                             " folder") from None
+  ignored = set(NON_ARCHITECTURE_FIELDS) | (set(LATENT_FIELDS) if from_scratch else set())
+  diffs = [f"{f.name}: {getattr(saved, f.name)!r} in run.json, {getattr(config, f.name)!r}"
+           " now" for f in dataclasses.fields(UNetConfig)
+           if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)]
+  if diffs:
+    raise TrainingSetupError(f"{path} holds another decoder than this command trains: "
+                             + "; ".join(diffs) + ". Give --out a new folder")
+  return saved
 
 
 def _differences(stored, given, name: str = "") -> list[tuple[str, str, str]]:
@@ -412,8 +454,8 @@ class _MetricsLog:
       return
     kept = []
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
+      with _run_file(open_regular, self.path) as f:
+        for line in io.TextIOWrapper(f, encoding="utf-8", errors="replace"):
           try:
             entry = json.loads(line)
           except ValueError:
@@ -430,12 +472,12 @@ class _MetricsLog:
 
   def write(self, step: int, values: dict, kind: str) -> dict:
     if self.lead:
-      with open(self.path, "a") as f:
+      with _run_file(open_regular_for_append, self.path) as f:
         # NaN and inf are not JSON: they are written as null, so strict readers parse it.
         entry = {"step": step, "kind": kind, "time": time.time(),
                  **{k: v if not isinstance(v, float) or np.isfinite(v) else None
                     for k, v in values.items()}}
-        f.write(json.dumps(entry, allow_nan=False) + "\n")
+        f.write((json.dumps(entry, allow_nan=False) + "\n").encode())
       if self.writer is not None:
         for name, value in values.items():
           self.writer.add_scalar(f"{kind}/{name}", value, step)
