@@ -256,3 +256,46 @@ def test_a_finite_input_with_broken_weights_is_a_listed_failure_not_a_black_imag
     assert len(failures) == 1 and "NaN or inf" in failures[0]["reason"], failures
     assert "broken" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["failures.json", "jaxconsdec-job.json"], command
+
+
+@pytest.mark.parametrize("command", ["decode", "encode", "eval"])
+def test_names_that_cannot_name_outputs_are_listed_and_the_job_completes(tmp_path, command,
+                                                                         capsys):
+  """A name that is not UTF-8 used to crash the key hash (exit 4, nothing written); a newline
+  split a row of eval's report.md and named a grid file."""
+  import jaxconsdec as jcd
+  from PIL import Image
+  from jaxconsdec import checkpoint
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  ext = ".npy" if command == "decode" else ".png"
+  for name in (b"good", b"bad\xff", b"new\nline", b"tab\there"):
+    path = os.fsdecode(os.path.join(os.fsencode(inputs), name + ext.encode()))
+    if command == "decode":
+      np.save(path, _latent(4, 2, 2))
+    else:
+      Image.new("RGB", (16, 16), "white").save(path, format="PNG")
+  checkpoint.save(str(tmp_path / "model"), jcd.random_params(jcd.TINY, 0), jcd.TINY, {},
+                  vae_params=jcd.random_params(jcd.TINY_VAE, 0, halves=("encoder",)),
+                  vae_config=jcd.TINY_VAE, vae_halves=("encoder",))
+  out = tmp_path / "out"
+  flags = {"decode": ["--weights"], "encode": ["--vae"], "eval": ["--weights"]}[command]
+  extra = [] if command == "eval" else ["--no-compile-cache", "--no-progress"]
+  code = cli.main([command, str(inputs), "-o", str(out), *flags, str(tmp_path / "model"),
+                   *extra])
+  captured = capsys.readouterr()
+  err = captured.err + captured.out  # eval lists its failures in the report it prints
+  assert code == cli.EXIT_INPUTS_FAILED, err[-3000:]
+  assert "not valid UTF-8" in err and "contains '\\n'" in err and "contains '\\t'" in err, err
+  if command == "eval":
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["good"]
+    assert len(report["failures"]) == 3
+    assert os.listdir(out / "grids") == ["good.png"]
+  else:
+    text = (out / "failures.json").read_text()
+    failures = json.loads(text)["failures"]
+    assert len(failures) == 3 and all("rename the file" in f["reason"] for f in failures)
+    written = "good.png" if command == "decode" else "good.npy"
+    assert sorted(os.listdir(out)) == ["failures.json", written, "jaxconsdec-job.json"]
+  assert leftovers(tmp_path) == []

@@ -12,6 +12,8 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from jaxconsdec.files import path_component_problem
+
 # The largest image a job reads or writes unless told otherwise: 2048x2048 (a 256x256
 # latent). The released model needs ~55 GiB of device memory for it in float32
 # (benchmarks/memory.py).
@@ -34,15 +36,45 @@ class Listing:
   hidden: int = 0             # dot-files and dot-folders skipped while walking folders
 
 
+def shown(path: str) -> str:
+  """A path as it can be printed and written to JSON: bytes that are not UTF-8 (held as
+  surrogates by Python) appear as backslash escapes."""
+  return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def name_problem(stem: str) -> str | None:
+  """Why an input's output name (its path below the folder given, less the extension)
+  cannot name outputs, grids and report rows; None if it can."""
+  for part in stem.split(os.sep):
+    try:
+      part.encode("utf-8")
+    except UnicodeEncodeError:
+      return f"the name {shown(part)!r} is not valid UTF-8"
+    problem = path_component_problem(part)
+    if problem:
+      return problem
+  return None
+
+
 def files(inputs: Sequence[str], extensions: tuple[str, ...], what: str, listing: Listing,
           exclude: Sequence[str] = ()):
   """(path, output stem) of every input file with one of `extensions` (any case), folders
-  walked in sorted order; what is not one (a `what`, in words) is a failure in `listing`."""
+  walked in sorted order; what is not one (a `what`, in words) is a failure in `listing`,
+  and so is a file whose name cannot name its outputs (`name_problem`)."""
+  for path, stem in _candidates(inputs, extensions, what, listing, exclude):
+    problem = name_problem(stem)
+    if problem:
+      listing.failures.append(Failure(shown(path), f"{problem}: rename the file"))
+    else:
+      yield path, stem
+
+
+def _candidates(inputs, extensions, what, listing, exclude):
   excluded = {os.path.realpath(p) for p in exclude}
   wanted = lambda name: name.lower().endswith(extensions)
   for given in inputs:
     if os.path.isdir(given) and os.path.realpath(given) in excluded:
-      listing.failures.append(Failure(given, "this is the job's own output folder"))
+      listing.failures.append(Failure(shown(given), "this is the job's own output folder"))
     elif os.path.isdir(given):
       found = 0
       for root, dirs, names in os.walk(given):
@@ -62,13 +94,13 @@ def files(inputs: Sequence[str], extensions: tuple[str, ...], what: str, listing
             yield path, os.path.splitext(os.path.relpath(path, given))[0]
       if not found:
         listing.failures.append(
-            Failure(given, f"directory holds no {', '.join(extensions)} files"))
+            Failure(shown(given), f"directory holds no {', '.join(extensions)} files"))
     elif not os.path.exists(given):
-      listing.failures.append(Failure(given, "no such file or directory" + (
+      listing.failures.append(Failure(shown(given), "no such file or directory" + (
           " (a symlink to a missing target)" if os.path.islink(given) else "")))
     elif not wanted(given):
       listing.failures.append(
-          Failure(given, f"not {what}: expected {', '.join(extensions)}"))
+          Failure(shown(given), f"not {what}: expected {', '.join(extensions)}"))
     else:
       yield given, os.path.splitext(os.path.basename(given))[0]
 
