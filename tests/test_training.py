@@ -393,3 +393,23 @@ def _edit_widths(path):
   run = json.load(open(path))
   run["config"]["block_out_channels"] = [16, 32, 32, 32]
   json.dump(run, open(path, "w"))
+
+
+def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(tmp_path):
+  import shutil
+  images = _photos(str(tmp_path / "images"))
+  whole = tmp_path / "whole.jpg"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), np.uint8)).save(whole)
+  data = whole.read_bytes()
+  (tmp_path / "images" / "truncated.jpg").write_bytes(data[:len(data) // 2])  # header intact
+  run = str(tmp_path / "run")
+  proc = _train(images, run, "--steps", "8", "--eval-every", "8")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "LEFT OUT" in proc.stderr and "truncated.jpg" in proc.stderr, proc.stderr[-3000:]
+  failures = json.load(open(os.path.join(run, "failures.json")))
+  assert [os.path.basename(f["input"]) for f in failures] == ["truncated.jpg"]
+  assert "failed to decode" in failures[0]["reason"]
+  assert jcd.load(run).params is not None  # the model was exported
+  # The same command again is the same run (the dropped file does not change what it is).
+  again = _train(images, run, "--steps", "8", "--eval-every", "8")
+  assert again.returncode == 1 and "another run" not in again.stderr, again.stderr[-3000:]

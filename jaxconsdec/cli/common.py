@@ -43,10 +43,11 @@ def usage_errors() -> tuple[type[BaseException], ...]:
   from jaxconsdec.checkpoint import CheckpointError
   from jaxconsdec.convert import WeightFileError
   from jaxconsdec.jobs.engine import JobMismatchError, ProcessesDisagreeError
+  from jaxconsdec.training.data import NoReadableImagesError
   from jaxconsdec.training.loop import TrainingSetupError
   from jaxconsdec.weights import ParamsMismatchError
   return (UsageError, WeightFileError, CheckpointError, ParamsMismatchError, JobMismatchError,
-          ProcessesDisagreeError, TrainingSetupError)
+          ProcessesDisagreeError, TrainingSetupError, NoReadableImagesError)
 
 
 def config_arg(value: Optional[str]):

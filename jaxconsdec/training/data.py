@@ -11,14 +11,21 @@ dependency and worker threads without doing more.)
 
 Images are PNG/JPEG files or folders of them, as for `jaxconsdec encode`; one smaller than
 the crop on either side, or unreadable, is a listed failure and the run goes on without it.
+A file that lists well but fails to decode when first read (a truncated JPEG) is left out
+from then on: an example whose image it is takes the next readable image of its epoch's
+order instead. That choice depends only on which files are unreadable, which they are on
+every read, so an uninterrupted run and a resumed one still see the same crops.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import sys
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from jaxconsdec.inputs.image_files import ImageItem, list_images, read_pixels
 from jaxconsdec.inputs.listing import Failure, Listing
@@ -42,30 +49,70 @@ def list_training_images(inputs: Sequence[str], resolution: int,
   return listing
 
 
+# A failed read that is the machine's, not the file's: it stops the run (exit 3, resumable).
+_ENVIRONMENT_ERRNOS = (errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ESTALE)
+
+
+class NoReadableImagesError(ValueError):
+  """Every training image failed to decode."""
+
+
 class TrainingCrops:
-  """The crops of a run: `rows(first, count)` -> (count, R, R, 3) uint8."""
+  """The crops of a run: `rows(first, count)` -> (count, R, R, 3) uint8. `failures` lists
+  the images left out because they failed to decode when read."""
 
   def __init__(self, items: Sequence[ImageItem], resolution: int, seed: int, flip: bool = True,
-               cache_images: int = 256):
+               cache_images: int = 256, log=sys.stderr):
     if not items:
       raise ValueError("no usable training images")
     self.items = list(items)
     self.resolution = resolution
     self.seed = seed
     self.flip = flip
+    self.failures: list[Failure] = []
+    self._unreadable: set[int] = set()
+    self._log = log
     self._pixels = functools.lru_cache(maxsize=cache_images)(self._read)
 
   def _read(self, index: int) -> np.ndarray:
     return read_pixels(self.items[index])
+
+  def readable(self, index: int) -> bool:
+    """Whether image `index` decodes (it is read, and cached, on the first call)."""
+    if index in self._unreadable:
+      return False
+    try:
+      self._pixels(index)
+      return True
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+        raise
+      item = self.items[index]
+      reason = f"failed to decode during training, left out ({type(e).__name__}: {e})"
+      self._unreadable.add(index)
+      self.failures.append(Failure(item.path, reason))
+      print(f"LEFT OUT {item.path}: {reason}", file=self._log)
+      if len(self._unreadable) == len(self.items):
+        raise NoReadableImagesError("every training image failed to decode") from None
+      return False
+
+  def pixels(self, index: int) -> np.ndarray:
+    """Image `index`, or the first readable one after it (cyclically)."""
+    n = len(self.items)
+    index = next(i % n for i in range(index, index + n) if self.readable(i % n))
+    return self._pixels(index)
 
   @functools.lru_cache(maxsize=4)
   def _order(self, epoch: int) -> np.ndarray:
     return np.random.default_rng((self.seed, SEED_STREAM_ORDER, epoch)).permutation(len(self.items))
 
   def source(self, example: int) -> int:
-    """Which image example `example` of the run is cropped from."""
+    """Which image example `example` of the run is cropped from: its place in its epoch's
+    order, or the next readable image of that order."""
     n = len(self.items)
-    return int(self._order(example // n)[example % n])
+    order = self._order(example // n)
+    return next(int(order[i % n]) for i in range(example % n, example % n + n)
+                if self.readable(int(order[i % n])))
 
   def crop(self, example: int) -> np.ndarray:
     pixels = self._pixels(self.source(example))

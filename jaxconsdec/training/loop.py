@@ -147,13 +147,15 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
               "inputs": [[i.path, list(i.original)] for i in listing.items],
               "eval_inputs": [i.path for i in eval_items], **identities}
   run_file = os.path.join(run_dir, RUN)
+  crops = data.TrainingCrops(listing.items, settings.resolution, settings.seed, settings.flip,
+                             log=log)
   stored = _read_run(run_file, identity)
   lock = _lock(run_dir) if lead else None
   try:
     if stored is not None:
       config = _stored_config(stored, config, from_scratch, run_file)
     elif from_scratch:
-      config = _fit_latent_space(config, encoder, vae_config, listing.items, settings, log)
+      config = _fit_latent_space(config, encoder, vae_config, crops, settings, log)
     if params is None:  # from scratch: initialised for the latent space now known
       params = random_params(config, seed=settings.seed)
     config = config.replace(dtype=settings.compute_dtype)
@@ -162,7 +164,6 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
       write_atomic(run_file, json.dumps({**identity, "config": json.loads(config.to_json())},
                                         indent=2).encode())
 
-    crops = data.TrainingCrops(listing.items, settings.resolution, settings.seed, settings.flip)
     step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
                         deltas=settings.curriculum, remat=settings.remat,
                         objective=settings.objective)
@@ -189,7 +190,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     metrics = _MetricsLog(run_dir, start, lead)
     report = RunReport(steps_done=start, resumed_from=start, failures=listing.failures,
                        model_dir=os.path.join(run_dir, MODEL))
-    evaluator = _Evaluator(eval_items, settings, config, encoder, vae_config, run_dir, lead)
+    evaluator = _Evaluator(eval_items, settings, config, encoder, vae_config, run_dir, lead,
+                           log)
     if start == 0:
       report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
 
@@ -254,10 +256,11 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           f" {manager.latest_step() or 0}) holds finite values. Lower --lr (or raise"
           f" --warmup, lower --clip-norm) and start a new run, or --init it from a"
           f" checkpoint you trust.")
+    report.failures = listing.failures + _gathered(evaluator.failures + crops.failures)
     if not report.stopped:
       _export(report.model_dir, state["ema"], config, encoder, vae_config, identity, step, lead)
       if lead:
-        _write_failures(run_dir, listing.failures)
+        _write_failures(run_dir, report.failures)
     return report
   finally:
     if lock is not None:
@@ -384,19 +387,19 @@ def _differences(stored, given, name: str = "") -> list[tuple[str, str, str]]:
   return [(name, show(stored), show(given))]
 
 
-def _fit_latent_space(config: UNetConfig, encoder, vae_config: VAEConfig, items,
-                      settings: RunSettings, log) -> UNetConfig:
+def _fit_latent_space(config: UNetConfig, encoder, vae_config: VAEConfig,
+                      crops: data.TrainingCrops, settings: RunSettings, log) -> UNetConfig:
   """A decoder trained from scratch decodes the VAE's latent space: its channels, scale and
   shift, and per-channel statistics measured over the training images (Welford)."""
 
   def latents_of(indices):
-    crops = [data.center_crop(data.read_pixels(items[i]), settings.resolution) for i in indices]
-    return encode(encoder, np.stack(crops), config=vae_config, layout="NHWC")
+    centers = [data.center_crop(crops.pixels(i), settings.resolution) for i in indices]
+    return encode(encoder, np.stack(centers), config=vae_config, layout="NHWC")
 
-  mean, std = latent_stats.measure(len(items), latents_of, vae_config.latent_channels,
+  mean, std = latent_stats.measure(len(crops.items), latents_of, vae_config.latent_channels,
                                    vae_config.scaling_factor, vae_config.shift_factor)
   if jax.process_index() == 0:
-    print(f"latent statistics over {len(items)} images: mean {np.round(mean, 4).tolist()},"
+    print(f"latent statistics over {len(crops.items)} images: mean {np.round(mean, 4).tolist()},"
           f" std {np.round(std, 4).tolist()}", file=log)
   return config.replace(latent_channels=vae_config.latent_channels,
                         scaling_factor=vae_config.scaling_factor,
@@ -418,9 +421,15 @@ class _Evaluator:
   Every process computes it on its first device (it is small); process 0 writes."""
 
   def __init__(self, items, settings: RunSettings, config, encoder, vae_config, run_dir,
-               lead):
-    self.pixels = np.stack([data.center_crop(data.read_pixels(i), settings.resolution)
-                            for i in items])
+               lead, log):
+    held_out = data.TrainingCrops(items, settings.resolution, settings.seed, log=log)
+    readable = [i for i in range(len(items)) if held_out.readable(i)]
+    self.failures = held_out.failures
+    if not readable:
+      raise TrainingSetupError("no evaluation image could be decoded: "
+                               + "; ".join(f"{f.input}: {f.reason}" for f in self.failures))
+    self.pixels = np.stack([data.center_crop(held_out.pixels(i), settings.resolution)
+                            for i in readable])
     self.config, self.run_dir, self.lead, self.seed = config, run_dir, lead, settings.seed
     self.latents = encode(encoder, self.pixels, config=vae_config, layout="NHWC")
 
@@ -500,6 +509,15 @@ def _export(model_dir, ema, config, encoder, vae_config, identity, step, lead):
                     {"trained_by": "jaxconsdec train", "step": step, "run": identity},
                     vae_params=vae, vae_config=vae_config, vae_halves=("encoder",),
                     force=os.path.exists(model_dir))
+
+
+def _gathered(failures: list[Failure]) -> list[Failure]:
+  """Every process's failures (each reads its own rows), once each, in a stable order."""
+  seen = {}
+  for views in multihost.gather_json([f.to_json() for f in failures]):
+    for f in views:
+      seen.setdefault(f["input"], Failure(f["input"], f["reason"]))
+  return [seen[k] for k in sorted(seen)]
 
 
 def _write_failures(run_dir: str, failures: list[Failure]) -> None:
