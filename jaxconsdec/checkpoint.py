@@ -26,7 +26,6 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import shutil
 import threading
 from typing import Callable, Optional, Sequence
@@ -36,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconsdec.config import NON_ARCHITECTURE_FIELDS, UNetConfig, VAEConfig
-from jaxconsdec.files import fsync_dir, fsync_tree, make_temp_dir, read_json_object
+from jaxconsdec.files import (fsync_dir, fsync_tree, make_temp_dir, os_error_in,
+                              read_json_object)
 from jaxconsdec.models.vae import HALVES
 from jaxconsdec.weights import check_params, param_count, params_from_torch
 
@@ -85,10 +85,9 @@ def _save_tree(path: str, tree) -> None:
   except Exception as e:
     # tensorstore reports a failed write (disk full, quota, permission) as a ValueError
     # carrying the OS error code; it is the machine's problem, not the model's.
-    code = re.search(r"os_error_code='?(\d+)", str(e))
-    if code is None:
+    number = os_error_in(e)
+    if number is None:
       raise
-    number = int(code.group(1))
     folder = os.path.dirname(os.path.dirname(path))  # where the checkpoint was going
     raise OSError(number, f"{os.strerror(number)} (while writing a checkpoint)", folder) from e
 

@@ -68,6 +68,14 @@ def open_regular(path: str) -> BinaryIO:
     raise
 
 
+def os_error_in(error: BaseException) -> int | None:
+  """The OS error number a tensorstore error carries (Orbax reports a failed write, disk
+  full or quota or permission, as a ValueError holding `os_error_code=N`), else None."""
+  import re
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  return int(code.group(1)) if code else None
+
+
 def open_regular_for_append(path: str) -> BinaryIO:
   """Opens (or creates) a regular file for appending; refuses anything else without
   blocking. A FIFO with no reader fails to open at once (ENXIO) under O_NONBLOCK, where a

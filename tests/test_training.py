@@ -413,3 +413,30 @@ def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(tmp_
   # The same command again is the same run (the dropped file does not change what it is).
   again = _train(images, run, "--steps", "8", "--eval-every", "8")
   assert again.returncode == 1 and "another run" not in again.stderr, again.stderr[-3000:]
+
+
+def test_flags_full_disks_and_killed_exports_are_answered(uninterrupted, photos, tmp_path):
+  import shutil
+  from hostile import run_cli, snapshot
+  before = snapshot(tmp_path)
+  proc = _train(photos, str(tmp_path / "r"), "--curriculum", "abc", timeout=120)
+  assert proc.returncode == 2 and "--curriculum takes" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before
+  (tmp_path / "file").write_text("x")
+  proc = _train(photos, str(tmp_path / "file"), timeout=120)
+  assert proc.returncode == 2 and "--out " in proc.stderr and "-o " not in proc.stderr
+  # A full disk while checkpointing (here a file-size limit, which fails writes alike) is
+  # the disk, named as such: not "out of device memory", not a bug.
+  full = run_cli(*_command(photos, str(tmp_path / "full"))[3:], file_size_limit=2_000_000,
+                 timeout=600)
+  assert full.code == 3, full.err[-3000:]
+  last = full.err.strip().splitlines()[-1]
+  assert "File too large" in last and "it resumes" in last and "device memory" not in last
+  # An export killed mid-write leaves its temporary folder; the next run clears it.
+  run = tmp_path / "run"
+  shutil.copytree(uninterrupted, run)
+  (run / ".model.tmp-0123abcd").mkdir()
+  (run / ".model.tmp-0123abcd" / "big").write_bytes(b"\0" * 1000)
+  proc = _train(photos, str(run))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not [n for n in os.listdir(run) if ".tmp-" in n]

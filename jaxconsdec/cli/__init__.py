@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -21,6 +23,7 @@ import traceback
 import warnings
 
 from jaxconsdec import __version__
+from jaxconsdec.files import os_error_in
 from jaxconsdec.cli import convert, decode, encode, eval as eval_, sample, train
 from jaxconsdec.cli.common import (EXIT_ENVIRONMENT, EXIT_INPUTS_FAILED, EXIT_INTERNAL,
                                    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HelpFormatter,
@@ -112,6 +115,14 @@ def main(argv: list[str] | None = None, *, console: bool = False) -> int:
       print(f"error: {_describe_os_error(e)}{hint}", file=sys.stderr)
       return EXIT_ENVIRONMENT
     except Exception as e:
+      number = os_error_in(e)  # a write of a library's (Orbax) that the machine refused
+      if number is not None:
+        where = re.search(r'Failed writing: "([^"]+)"', str(e))
+        print(f"error: {os.strerror(number)}"
+              + (f" (writing {where.group(1)})" if where else "")
+              + f"{hint}. Free space and run the same command again: it resumes.",
+              file=sys.stderr)
+        return EXIT_ENVIRONMENT
       if "RESOURCE_EXHAUSTED" in str(e):  # a device ran out of memory
         print(f"error: out of device memory ({str(e).splitlines()[0][:300]}). Lower"
               " --batch-size or --max-pixels.", file=sys.stderr)

@@ -205,13 +205,13 @@ def add_job_flags(parser, too_large: str) -> None:
   dist.add_argument("--process-id", type=int, help="this process's index, 0 to N - 1")
 
 
-def check_job_flags(args) -> None:
+def check_job_flags(args, out_flag: str = "-o") -> None:
   check_seed(args.seed)
   if args.batch_size <= 0:
     raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
   if args.max_pixels < 0:
     raise UsageError(f"--max-pixels must be positive (or 0 for no limit), got {args.max_pixels}")
-  for flag, path in (("-o", args.output), ("--compile-cache", args.compile_cache)):
+  for flag, path in ((out_flag, args.output), ("--compile-cache", args.compile_cache)):
     if path and os.path.exists(path) and not os.path.isdir(path):
       raise UsageError(f"{flag} {path} exists and is not a folder")
   if args.num_processes is not None and args.num_processes < 1:

@@ -81,8 +81,20 @@ def add_arguments(p) -> None:
   add_job_flags(p, "images with")
 
 
+def _curriculum(value: str | None):
+  if value is None:
+    return None
+  try:
+    deltas = tuple(int(d) for d in value.split(","))
+  except ValueError:
+    raise UsageError(f"--curriculum takes comma-separated grid spacings (integers such as"
+                     f" 64,32,16), got {value!r}") from None
+  return deltas
+
+
 def run(args) -> int:
-  check_job_flags(args)
+  check_job_flags(args, out_flag="--out")
+  deltas = _curriculum(args.curriculum)
   if args.init and args.config:
     raise UsageError("give --init (fine-tune those weights) or --config (train a new decoder"
                      " of that architecture from scratch), not both")
@@ -110,8 +122,7 @@ def run(args) -> int:
   from jaxconsdec.training import loop, pairs, step
 
   scratch = args.config is not None
-  curriculum = (tuple(int(d) for d in args.curriculum.split(",")) if args.curriculum else
-                pairs.SCRATCH_CURRICULUM if scratch else pairs.FINE_TUNE_CURRICULUM)
+  curriculum = deltas or (pairs.SCRATCH_CURRICULUM if scratch else pairs.FINE_TUNE_CURRICULUM)
   lr = args.lr if args.lr is not None else 1e-4 if scratch else 1e-5
   try:
     optimization = step.Optimization(

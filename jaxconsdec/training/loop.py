@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -152,6 +153,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   stored = _read_run(run_file, identity)
   lock = _lock(run_dir) if lead else None
   try:
+    if lead:
+      _clear_killed_exports(run_dir)
     if stored is not None:
       config = _stored_config(stored, config, from_scratch, run_file)
     elif from_scratch:
@@ -286,6 +289,18 @@ def _check_same_everywhere(value, what: str) -> None:
   if any(v != views[0] for v in views[1:]):
     raise TrainingSetupError(f"the processes list different {what}: every host must see the"
                              " same files")
+
+
+def _clear_killed_exports(run_dir: str) -> None:
+  """An export killed mid-write (SIGKILL) leaves its temporary folder beside model/, as large
+  as the model; under the run's lock no export is in flight, so any such folder is stale."""
+  for name in os.listdir(run_dir):
+    if name.startswith(f".{MODEL}.tmp-"):
+      path = os.path.join(run_dir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
 
 
 def _run_file(opener, path: str):
