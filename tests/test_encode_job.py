@@ -162,3 +162,51 @@ print("OK")
 
 def test_sharded_encoder_over_four_devices_equals_encode():
   run_on_simulated_devices(SHARDED, 4)
+
+
+def _png_16bit_rgb(path, h=8, w=8):
+  """A 16-bit RGB PNG, written by hand (Pillow opens such files as 8-bit RGB)."""
+  import struct
+  import zlib
+  rows = b"".join(b"\0" + np.full((w, 3), 40000, ">u2").tobytes() for _ in range(h))
+  chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data
+                             + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0,
+                                                                    0, 0))
+                   + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_only_png_and_jpeg_are_opened_and_refusals_cost_no_decoding(tmp_path, vae):
+  from hostile import run_cli
+  folder, _ = vae
+  good = tmp_path / "good"
+  good.mkdir()
+  Image.fromarray(skimage.data.astronaut()[:64, :64]).save(good / "good.png")
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  Image.fromarray(skimage.data.astronaut()[:64, :64]).save(bad / "gif.png", format="GIF")
+  Image.fromarray(skimage.data.astronaut()[:64, :64]).save(bad / "bmp.jpg", format="BMP")
+  (bad / "text.jpg").write_text("not a jpeg")
+  _png_16bit_rgb(bad / "deep.png")
+  huge = Image.new("RGB", (12000, 12000))  # 432 MB of pixels, a few hundred KB as a PNG
+  huge.save(bad / "huge0.png", compress_level=9)
+  del huge
+  for i in (1, 2):
+    (bad / f"huge{i}.png").write_bytes((bad / "huge0.png").read_bytes())
+  assert os.path.getsize(bad / "huge0.png") < 1 << 20
+  Image.fromarray(skimage.data.astronaut()[:64, :64]).save(bad / "good.png")
+  alone = run_cli("encode", good, "-o", tmp_path / "out-alone", "--vae", folder, *COMMON)
+  assert alone.code == 0, alone.err
+  run = run_cli("encode", bad, "-o", tmp_path / "out", "--vae", folder, *COMMON)
+  assert run.code == 1, run.err
+  reasons = {os.path.basename(f["input"]): f["reason"] for f in
+             json.loads((tmp_path / "out" / "failures.json").read_text())["failures"]}
+  assert set(reasons) == {"gif.png", "bmp.jpg", "text.jpg", "deep.png", "huge0.png",
+                          "huge1.png", "huge2.png"}, reasons
+  for name in ("gif.png", "bmp.jpg", "text.jpg"):
+    assert "not a PNG or JPEG image" in reasons[name] and "BufferedReader" not in reasons[name]
+  assert "16-bit" in reasons["deep.png"]
+  assert all("above the limit" in reasons[f"huge{i}.png"] for i in range(3))
+  # The huge images are refused from their headers: the job costs what the good image does
+  # (decoding one would cost ~450 MB).
+  assert run.peak_rss < alone.peak_rss + (100 << 20), (run.peak_rss >> 20, alone.peak_rss >> 20)

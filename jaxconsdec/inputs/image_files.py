@@ -18,7 +18,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from jaxconsdec.files import TMP_PREFIX, open_regular
 from jaxconsdec.inputs.listing import Failure, Listing, drop_name_clashes, files, unreadable
@@ -56,7 +56,7 @@ def list_images(inputs: Sequence[str], *, multiple: int = 8, fit: str = "refuse"
   for path, name in files(inputs, EXTENSIONS, "an image (PNG or JPEG)", listing, exclude):
     try:
       original = image_size(path)
-    except Exception as e:
+    except IMAGE_ERRORS as e:
       listing.failures.append(Failure(path, unreadable(path, e)))
       continue
     problem = _size_problem(original, multiple, fit, max_pixels)
@@ -72,13 +72,52 @@ def list_images(inputs: Sequence[str], *, multiple: int = 8, fit: str = "refuse"
   return listing
 
 
+# What a broken or foreign image file raises in Pillow (SyntaxError: a broken PNG chunk);
+# anything else is a bug, and surfaces as one.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+FORMATS = ("PNG", "JPEG")  # what Pillow may open: never GIF, BMP, EPS (Ghostscript), ...
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps does).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _open(f) -> Image.Image:
+  """A PNG or JPEG image from an open file, header only (no pixels decoded). 16-bit PNGs
+  are refused here: Pillow would reduce their RGB to 8 bits without a word."""
+  head = f.read(25)
+  f.seek(0)
+  if head.startswith(_PNG_SIGNATURE) and len(head) == 25 and head[24] == 16:
+    raise ValueError("a 16-bit PNG (16-bit or float images are refused): save it as 8-bit RGB")
+  try:
+    return Image.open(f, formats=FORMATS)
+  except Image.UnidentifiedImageError:
+    raise ValueError("not a PNG or JPEG image") from None
+
+
+def _orientation(image: Image.Image) -> int:
+  """The EXIF orientation, read without decoding pixels. A PNG's EXIF is taken from the
+  chunks before its image data: Pillow's getexif() on a PNG without one decodes the whole
+  image to look for it after the data."""
+  if image.format == "PNG":
+    data = image.info.get("exif")
+    if not data:
+      return 1
+    exif = Image.Exif()
+    exif.load(data)
+    return exif.get(0x0112, 1)
+  return image.getexif().get(0x0112, 1)
+
+
 def image_size(path: str) -> tuple[int, int]:
   """(height, width) as viewers show the image, from its header (no pixels decoded)."""
-  with open_regular(path) as f, Image.open(f) as image:
+  with open_regular(path) as f, _open(f) as image:
     if image.mode not in _MODES:
       raise ValueError(f"pixel mode {image.mode} (16-bit or float): save it as 8-bit RGB")
     w, h = image.size
-    if image.getexif().get(0x0112) in _ROTATED:
+    if _orientation(image) in _ROTATED:
       w, h = h, w
     return h, w
 
@@ -107,10 +146,12 @@ def _size_problem(hw, multiple, fit, max_pixels) -> Optional[str]:
 
 def read_pixels(item: ImageItem) -> np.ndarray:
   """(H, W, 3) uint8 pixels of an image, fitted to the item's size."""
-  with open_regular(item.path) as f, Image.open(f) as image:
-    image = ImageOps.exif_transpose(image)
+  with open_regular(item.path) as f, _open(f) as image:
     if image.mode not in _MODES:
       raise ValueError(f"pixel mode {image.mode}")
+    orientation = _orientation(image)
+    if orientation in _UPRIGHT:
+      image = image.transpose(_UPRIGHT[orientation])
     if image.mode in ("LA", "PA", "P"):
       image = image.convert("RGBA")
     pixels = np.asarray(image.convert("RGB"), np.uint8)
@@ -127,6 +168,7 @@ def read_pixels(item: ImageItem) -> np.ndarray:
 
 class ImageReader:
   """The engine's reader: one image at a time."""
+  errors = IMAGE_ERRORS  # what a bad file raises: that input's failure, not a bug
 
   def read(self, item: ImageItem) -> np.ndarray:
     return read_pixels(item)

@@ -84,6 +84,7 @@ class DecodeJob(engine.Job):
 
 class _ScaledLatents:
   """Reads latents; pipeline latents (--scaled-latents) become raw: / scaling + shift."""
+  errors = LatentReader.errors
 
   def __init__(self, reader: LatentReader, config):
     self.inner, self.config = reader, config

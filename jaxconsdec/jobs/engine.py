@@ -44,6 +44,7 @@ from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
                               path_component_problem, read_json_object, write_atomic)
 from jaxconsdec.inputs.listing import Failure
+from jaxconsdec.jobs.latent_files import LATENT_ERRORS
 
 MANIFEST = "jaxconsdec-job.json"
 FAILURES = "failures.json"
@@ -239,7 +240,7 @@ def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
       for i, item in enumerate(mine):
         try:
           examples[i] = reader.read(item)
-        except Exception as e:  # the file changed or broke after listing
+        except reader.errors as e:  # the file changed or broke after listing
           unreadable[i] = f"unreadable ({type(e).__name__}: {str(e)[:200]})"
       if step == 0 and lead:  # warnings show whether or not a progress bar does
         job.check_first(np.delete(examples[:len(mine)], list(unreadable), axis=0))
@@ -384,7 +385,7 @@ def _output_state(out_dir: str, item, job: Job) -> str:
     return "incomplete"
   try:
     return "complete" if job.output_complete(path, item) else "incomplete"
-  except Exception:
+  except LATENT_ERRORS:  # an output cut short (a PNG's or an NPY's header): written again
     return "incomplete"
 
 

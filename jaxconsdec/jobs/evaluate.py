@@ -29,7 +29,7 @@ from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.files import make_dirs_inside, read_json_object, write_atomic
 from jaxconsdec.images import encode_png, side_by_side, to_uint8
 from jaxconsdec.jobs.engine import JobMismatchError, example_keys_for
-from jaxconsdec.inputs.image_files import list_images, read_pixels
+from jaxconsdec.inputs.image_files import IMAGE_ERRORS, list_images, read_pixels
 from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
 from jaxconsdec.metrics import psnr, ssim
@@ -99,7 +99,7 @@ def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig,
   for n, item in enumerate(listing.items, 1):
     try:
       pixels = read_pixels(item)
-    except Exception as e:  # changed or broken since it was listed
+    except IMAGE_ERRORS as e:  # changed or broken since it was listed
       failures.append(Failure(item.where, f"unreadable ({type(e).__name__}: {e})"))
       continue
     key = example_keys_for([item.name], seed)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 import zipfile
 from typing import BinaryIO, Optional, Sequence
 
@@ -69,6 +70,12 @@ class DeclaredSizeError(ValueError):
   """A header declares more data than the file holds."""
 
 
+# What a broken, hostile or changed latent file raises while it is parsed or read (zip and
+# npy headers, safetensors JSON); anything else is a bug, and surfaces as one.
+LATENT_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error,
+                 DeclaredSizeError)
+
+
 @dataclasses.dataclass(frozen=True)
 class ArrayHeader:
   """An array in a latent file as its header declares it (sizes checked against the file)."""
@@ -95,7 +102,7 @@ def list_latents(inputs: Sequence[str], *, layout: str,
   for path, name in files(inputs, EXTENSIONS, "a latent file", listing, exclude):
     try:
       arrays = read_headers(path)
-    except Exception as e:  # any parse error of a user's file is that file's failure
+    except LATENT_ERRORS as e:  # a parse error of a user's file is that file's failure
       listing.failures.append(Failure(path, unreadable(path, e, DeclaredSizeError)))
       continue
     if not arrays:
@@ -214,6 +221,7 @@ class LatentReader:
   """Reads latents one at a time, keeping the last array's file open (rows of a batch are
   read in order, so a batch file is opened once per global batch, not once per row, and
   only one row is ever in memory)."""
+  errors = LATENT_ERRORS  # what a bad file raises: that input's failure, not a bug
 
   def __init__(self):
     self._key, self._open = None, None
@@ -264,3 +272,4 @@ class LatentReader:
     for handle in self._open or ():
       handle.close()
     self._key, self._open = None, None
+
