@@ -404,7 +404,7 @@ def _restore(path: str, name: str, config, halves, dtype, sharding):
                                      sharding=sharding), stored)
   try:
     return _checkpointer().restore(_orbax_path(path, name), target)
-  except Exception as e:
+  except STORE_ERRORS as e:
     raise CheckpointError(f"{path}: the {name} could not be restored; the checkpoint is"
                           f" truncated or corrupt ({type(e).__name__}: {str(e)[:300]})")
 
@@ -422,6 +422,12 @@ def _check_sharding(sharding, stored) -> None:
                        f" ({e})") from None
 
 
+# What Orbax and tensorstore raise for a store that is cut short, altered or missing files
+# (tensorstore's DATA_LOSS, NOT_FOUND, ... arrive as ValueError). Anything else, a device
+# out of memory say, is not the checkpoint's fault and is not reported as such.
+STORE_ERRORS = (OSError, ValueError, KeyError, EOFError)
+
+
 def _orbax_path(path: str, name: str) -> str:
   # Absolute: Orbax reads an OCDBT store's metadata wrongly through a relative path.
   return os.path.abspath(os.path.join(path, name))
@@ -436,6 +442,6 @@ def _stored_specs(path: str, name: str):
     if not isinstance(tree, dict):
       raise ValueError(f"a {type(tree).__name__} where the param tree should be")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
-  except Exception as e:
+  except STORE_ERRORS as e:
     raise CheckpointError(f"{path}: the {name}' metadata is unreadable; the checkpoint is"
                           f" truncated or corrupt ({type(e).__name__}: {str(e)[:300]})")
