@@ -41,7 +41,9 @@ def test_a_new_checkpoint_is_a_handful_of_files_and_loads_back(tmp_path):
                   vae_halves=("encoder",))
   files = _files(out)
   assert any(f.endswith("manifest.ocdbt") for f in files)
-  assert len(files) <= 40, sorted(os.path.relpath(f, out) for f in files)
+  # 443 arrays; how many small data files the store writes depends on how its concurrent
+  # writes interleave (32 to 43 seen): far from the plain store's 3 files per array.
+  assert len(files) <= 100, sorted(os.path.relpath(f, out) for f in files)
   loaded = jcd.load(out)
   _assert_same_tree(loaded.params, params)
   _assert_same_tree(loaded.vae_params, vae)
