@@ -167,7 +167,8 @@ def test_a_conflicting_manifest_on_one_host_stops_both_processes(tmp_path):
   assert (code0, code1) == (2, 2), (err0[-2000:], err1[-2000:])
   assert "holds outputs of a job with other settings (seed: 9 there, 0 now" in err1
   assert "process 1 stopped the job" in err0 and "seed: 9 there" in err0
-  assert not [f for f in os.listdir(tmp_path / "out0") if f.endswith(".png")]
+  # Refused before either process made or touched its OUT_DIR.
+  assert not os.path.exists(tmp_path / "out0")
 
 
 def test_a_write_error_on_one_host_stops_both_processes_with_exit_3(tmp_path):

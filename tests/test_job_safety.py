@@ -5,6 +5,8 @@ any tool's and durable across a crash, and cut-short outputs redone on resume.""
 import json
 import os
 import stat
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -190,3 +192,35 @@ def test_every_output_is_fsynced_before_its_rename_and_its_folder_after(tmp_path
   assert {events[i][1] for i in renames} == {"jaxconsdec-job.json", "x-0.png", "x-1.png"}
   for i in renames:
     assert events[i - 1] == "fsync-file" and events[i + 1] == "fsync-dir", events
+
+
+def test_a_second_job_into_a_held_out_dir_is_refused_and_a_killed_ones_lock_is_not(tmp_path):
+  import signal
+  import subprocess
+  import time
+  from hostile import cli_command, run_cli
+  np.save(tmp_path / "x.npy", np.zeros((4, 2, 2), np.float32))
+  out = tmp_path / "out"
+  # A job holding OUT_DIR: a process that took the job's lock and waits.
+  holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+      import sys, time
+      from jaxconsdec.jobs.engine import out_dir_lock
+      with out_dir_lock(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(600)
+  """), str(out)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    run = run_cli("decode", tmp_path / "x.npy", "-o", out, "--random-weights", "tiny",
+                  "--no-compile-cache", "--no-progress")
+    assert run.code == cli.EXIT_USAGE, run.err[-2000:]
+    assert "another jaxconsdec job is writing into" in run.err and str(holder.pid) in run.err
+    assert not os.path.exists(out / "x.png")
+  finally:
+    holder.send_signal(signal.SIGKILL)  # killed: its lock file stays, its flock does not
+    holder.wait()
+  assert [n for n in os.listdir(out) if n.startswith(".jaxconsdec-lock-")]
+  run = run_cli("decode", tmp_path / "x.npy", "-o", out, "--random-weights", "tiny",
+                "--no-compile-cache", "--no-progress")
+  assert run.code == cli.EXIT_OK, run.err[-2000:]
+  assert sorted(os.listdir(out)) == ["jaxconsdec-job.json", "x.png"]  # the lock file removed

@@ -25,12 +25,14 @@ versioned in the manifest (NOISE_SCHEME).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import io
 import json
 import os
+import socket
 import stat
 import sys
 import time
@@ -42,7 +44,8 @@ import tqdm
 
 from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
-                              path_component_problem, read_json_object, write_atomic)
+                              open_regular_for_append, path_component_problem,
+                              read_json_object, write_atomic)
 from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.jobs.latent_files import LATENT_ERRORS
 
@@ -150,38 +153,44 @@ def run_job(job: Job, inputs: Sequence[str], out_dir: str, *, batch_size: int = 
   if strict and failures:
     return JobReport(len(items), 0, 0, failures, time.perf_counter() - start, stopped=True,
                      hidden=listing.hidden)
-  # Two collectives: every process clearing a shared OUT_DIR of a killed run's temporary
-  # files must be done before any process writes the manifest (under a temporary name).
-  for prepare in (lambda d: _clear_out_dir(d, job.settings()),
-                  lambda d: _write_manifest(d, job.settings())):
-    error = None
-    try:
-      prepare(out_dir)
-    except SETUP_ERRORS as e:
-      error = e
-    multihost.raise_together(error, SETUP_ERRORS)
-  done, incomplete = _done_everywhere(out_dir, items, job)
-  pending = [item for item, d in zip(items, done) if not d]
-  groups = list(_by_group(pending).values())
-  _compile_programs(job, groups, batch_size, lead)
-  bar = _progress_bar(len(pending), job.what, enabled=progress and lead)
-  written, stopped, environment_error = 0, False, None
-  for group in groups:
-    count, bad, stopped, environment_error = _run_group(job, group, out_dir, batch_size,
-                                                        strict, bar, lead)
-    written += count
-    failures += bad
-    if stopped:
-      break
-  bar.close()
-  failures = _gather_failures(failures)
-  written = multihost.sum_over_processes(written)
-  report = JobReport(len(items), int(sum(done)), written, failures, time.perf_counter() - start,
-                     stopped, incomplete, listing.hidden, environment_error)
-  # Each process writes the same list into its OUT_DIR (they may be one shared folder or one
-  # per host); no collective follows, so a process that cannot write it hangs nobody.
-  _write_failures(out_dir, failures, report)
-  return report
+  with contextlib.ExitStack() as held:
+    # Collectives between the steps. A folder of another job is refused before anything in
+    # it is touched; then the lock, since two jobs in one OUT_DIR would each clear "a killed
+    # run's temporaries" and delete the other's files in flight; every process clearing a
+    # shared OUT_DIR must be done before any process writes the manifest (under a
+    # temporary name).
+    for prepare in (lambda d: os.path.isdir(d) and _check_manifest(d, job.settings()),
+                    lambda d: held.enter_context(out_dir_lock(d)),
+                    lambda d: _clear_out_dir(d, job.settings()),
+                    lambda d: _write_manifest(d, job.settings())):
+      error = None
+      try:
+        prepare(out_dir)
+      except SETUP_ERRORS as e:
+        error = e
+      multihost.raise_together(error, SETUP_ERRORS)
+    done, incomplete = _done_everywhere(out_dir, items, job)
+    pending = [item for item, d in zip(items, done) if not d]
+    groups = list(_by_group(pending).values())
+    _compile_programs(job, groups, batch_size, lead)
+    bar = _progress_bar(len(pending), job.what, enabled=progress and lead)
+    written, stopped, environment_error = 0, False, None
+    for group in groups:
+      count, bad, stopped, environment_error = _run_group(job, group, out_dir, batch_size,
+                                                          strict, bar, lead)
+      written += count
+      failures += bad
+      if stopped:
+        break
+    bar.close()
+    failures = _gather_failures(failures)
+    written = multihost.sum_over_processes(written)
+    report = JobReport(len(items), int(sum(done)), written, failures, time.perf_counter() - start,
+                       stopped, incomplete, listing.hidden, environment_error)
+    # Each process writes the same list into its OUT_DIR (they may be one shared folder or one
+    # per host); no collective follows, so a process that cannot write it hangs nobody.
+    _write_failures(out_dir, failures, report)
+    return report
 
 
 def _check_same_inputs(items, what: str) -> None:
@@ -314,6 +323,59 @@ def _by_group(items: list) -> dict:
   for item in items:
     groups.setdefault(item.group, []).append(item)
   return groups
+
+
+LOCK_PREFIX = ".jaxconsdec-lock-"
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+  """An exclusive lock on OUT_DIR for this process of the job, held while the job runs: the
+  file `.jaxconsdec-lock-P` (P: the process index), so the processes of one multi-host job
+  share a folder and a second job's process P is refused. flock is released when a process
+  dies, so a killed job leaves no stale lock; the file is removed at the end."""
+  import fcntl
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{LOCK_PREFIX}{jax.process_index()}")
+  while True:
+    handle = open_regular_for_append(path)
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.close()
+      raise JobMismatchError(
+          f"another jaxconsdec job is writing into {out_dir} ({_holder(path)}). Two jobs in"
+          " one OUT_DIR would delete each other's files in flight: wait for it to end, stop"
+          " it, or use another -o") from None
+    try:
+      same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:  # not a file its last holder removed while this process was opening it
+      break
+    handle.close()
+  try:
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "command": " ".join(sys.argv)[:500],
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    handle.flush()
+    yield
+  finally:
+    try:
+      os.unlink(path)
+    except FileNotFoundError:
+      pass
+    handle.close()
+
+
+def _holder(path: str) -> str:
+  try:
+    info = read_json_object(path, 4096)
+    return (f"process {info.get('pid')} on {info.get('host')}, since {info.get('started')}:"
+            f" {info.get('command')}")
+  except (OSError, ValueError):
+    return "its holder is unknown"
 
 
 def _clear_out_dir(out_dir: str, settings: dict) -> None:
