@@ -57,23 +57,7 @@ def open_regular(path: str) -> BinaryIO:
   the open descriptor then decides, so the file cannot be swapped between check and read.
   """
   fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-  try:
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-      raise NotRegularFileError(errno.EINVAL, f"{kind_of(mode)}, not a regular file", path)
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-  except BaseException:
-    os.close(fd)
-    raise
-
-
-def os_error_in(error: BaseException) -> int | None:
-  """The OS error number a tensorstore error carries (Orbax reports a failed write, disk
-  full or quota or permission, as a ValueError holding `os_error_code=N`), else None."""
-  import re
-  code = re.search(r"os_error_code='?(\d+)", str(error))
-  return int(code.group(1)) if code else None
+  return _regular(fd, path, "rb")
 
 
 def open_regular_for_append(path: str) -> BinaryIO:
@@ -87,15 +71,28 @@ def open_regular_for_append(path: str) -> BinaryIO:
     if e.errno == errno.ENXIO:
       raise NotRegularFileError(errno.EINVAL, "a FIFO, not a regular file", path) from None
     raise
+  return _regular(fd, path, "ab")
+
+
+def _regular(fd: int, path: str, mode: str) -> BinaryIO:
+  """The open descriptor `fd` as a blocking file object, if it is a regular file."""
   try:
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-      raise NotRegularFileError(errno.EINVAL, f"{kind_of(mode)}, not a regular file", path)
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+      raise NotRegularFileError(errno.EINVAL, f"{kind_of(kind)}, not a regular file", path)
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "ab")
+    return os.fdopen(fd, mode)
   except BaseException:
     os.close(fd)
     raise
+
+
+def os_error_in(error: BaseException) -> int | None:
+  """The OS error number a tensorstore error carries (Orbax reports a failed write, disk
+  full or quota or permission, as a ValueError holding `os_error_code=N`), else None."""
+  import re
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  return int(code.group(1)) if code else None
 
 
 def read_json_object(path: str, max_bytes: int = 16 << 20) -> dict:
