@@ -5,12 +5,14 @@ import json
 import os
 
 import numpy as np
+import pytest
 import skimage.data
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import jaxconsdec as jcd
 from jaxconsdec import checkpoint, cli
+from jaxconsdec.metrics import blur_baseline, colour_psnr, detail_ratio
 from job_keys import documented_key
 
 HEADER, GAP = 18, 8  # the grid's layout (images.side_by_side)
@@ -56,7 +58,14 @@ def test_eval_reports_what_its_grids_show(tmp_path, capsys):
       assert abs(row["psnr"][name] - peak_signal_noise_ratio(a, b, data_range=255)) <= 1e-3
       assert abs(row["ssim"][name] - structural_similarity(
           a, b, channel_axis=-1, data_range=255)) <= 1e-4
+      assert row["colour_psnr"][name] == pytest.approx(colour_psnr(a, b), rel=1e-9)
+      assert row["detail_ratio"][name] == pytest.approx(detail_ratio(a, b), rel=1e-9)
       assert row["seconds"][name] > 0
+    # The blur baseline is scored on the image's own part, pooled from the (padded) picture.
+    padded = np.pad(original[:oh, :ow], ((0, h - oh), (0, w - ow), (0, 0)), mode="edge")
+    blur = blur_baseline(padded)[:oh, :ow]
+    assert abs(row["psnr"][report["baseline"]] - peak_signal_noise_ratio(
+        original[:oh, :ow], blur, data_range=255)) <= 1e-3
     # The 2-step panel is the Consistency Decoder's decode of the encoded image, with the
     # documented per-name noise.
     latents = jcd.encode(vae, original[None], config=jcd.TINY_VAE, layout="NHWC")

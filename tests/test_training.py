@@ -176,6 +176,9 @@ def test_a_run_writes_metrics_samples_and_a_model_that_decodes(uninterrupted, tm
   assert [l["delta"] for l in train] == [64, 64, 64, 16, 16, 16]  # the curriculum switches
   assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in train)
   assert [l["step"] for l in lines if l["kind"] == "eval"] == [0, 3, 6]
+  evals = [l for l in lines if l["kind"] == "eval"]
+  assert all({"psnr_1_step", "colour_psnr_2_steps", "detail_ratio_1_step",
+              "psnr_blur_baseline"} <= set(l) for l in evals)
   assert sorted(os.listdir(os.path.join(uninterrupted, "samples"))) == [
       "step_0000000.png", "step_0000003.png", "step_0000006.png"]
   assert os.listdir(os.path.join(uninterrupted, "tensorboard"))

@@ -32,7 +32,7 @@ from jaxconsdec.jobs.engine import JobMismatchError, example_keys_for
 from jaxconsdec.inputs.image_files import IMAGE_ERRORS, list_images, read_pixels
 from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
-from jaxconsdec.metrics import psnr, ssim
+from jaxconsdec.metrics import blur_baseline, colour_psnr, detail_ratio, psnr, ssim
 from jaxconsdec.sampler import decode
 from jaxconsdec.xla_options import compiler_options
 
@@ -66,6 +66,15 @@ def check_out_dir(out_dir: str) -> None:
       " wrote: choose another -o. Nothing was changed.")
 
 
+# The bar every decoder must clear: the picture average-pooled onto the latent grid and
+# upsampled bicubically. It is scored beside the decoders (not timed, not in the grids).
+BLUR = "blur baseline (8x8 means, bicubic)"
+# What each image is scored on, against the original: PSNR and SSIM, colour fidelity (the
+# PSNR of 8x8 block means) and the detail ratio (below 1 smear, above 1 grain).
+METRICS = {"psnr": lambda a, b: psnr(a, b), "ssim": lambda a, b: ssim(a, b),
+           "colour_psnr": colour_psnr, "detail_ratio": detail_ratio}
+
+
 def decoder_name(schedule: Sequence[float]) -> str:
   steps = len(schedule)
   return f"Consistency Decoder, {steps} step{'s' if steps > 1 else ''}"
@@ -74,9 +83,10 @@ def decoder_name(schedule: Sequence[float]) -> str:
 @dataclasses.dataclass
 class Evaluation:
   decoders: list[str]
-  rows: list[dict]            # per image: image, size, psnr, ssim, seconds (per decoder)
+  rows: list[dict]            # per image: image, size, each metric (per decoder and BLUR),
+                              # seconds (per decoder)
   failures: list              # inputs.Failure
-  means: dict                 # psnr, ssim, seconds: per decoder
+  means: dict                 # each metric and seconds: per decoder (metrics: and BLUR)
 
 
 def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig, vae_params,
@@ -107,11 +117,11 @@ def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig,
     region = _compared_region(item)
     original = pixels[region]
     row = {"image": item.path, "name": item.name, "size": list(item.hw),
-           "original_size": list(item.original), "fit": item.fit, "psnr": {}, "ssim": {},
-           "seconds": seconds}
-    for name, image in outputs.items():
-      row["psnr"][name] = float(psnr(original, image[region]))
-      row["ssim"][name] = float(ssim(original, image[region]))
+           "original_size": list(item.original), "fit": item.fit,
+           **{metric: {} for metric in METRICS}, "seconds": seconds}
+    for name, image in {BLUR: blur_baseline(pixels), **outputs}.items():
+      for metric, score in METRICS.items():
+        row[metric][name] = float(score(original, image[region]))
     grid = os.path.join(make_dirs_inside(out_dir, os.path.join("grids",
                                                                os.path.dirname(item.name))),
                         os.path.basename(item.name) + ".png")
@@ -121,8 +131,10 @@ def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig,
     if progress:
       print(f"[{n}/{len(listing.items)}] {item.path}: " + ", ".join(
           f"{k} {row['psnr'][k]:.2f} dB" for k in decoders), file=sys.stderr)
-  means = {metric: {d: statistics.fmean(r[metric][d] for r in rows) for d in decoders}
-           for metric in ("psnr", "ssim", "seconds")} if rows else {}
+  means = {metric: {d: statistics.fmean(r[metric][d] for r in rows) for d in [BLUR, *decoders]}
+           for metric in METRICS} if rows else {}
+  if rows:
+    means["seconds"] = {d: statistics.fmean(r["seconds"][d] for r in rows) for d in decoders}
   evaluation = Evaluation(decoders, rows, failures, means)
   _write_report(out_dir, evaluation, dict(schedules=[list(s) for s in schedules], seed=seed,
                                           fit=fit, vae_halves=list(vae_halves)))
@@ -181,15 +193,17 @@ def _compared_region(item) -> tuple[slice, slice]:
 
 
 def _write_report(out_dir: str, evaluation: Evaluation, settings: dict) -> None:
-  report = {"settings": settings, "decoders": evaluation.decoders, "images": evaluation.rows,
+  report = {"settings": settings, "decoders": evaluation.decoders, "baseline": BLUR,
+            "images": evaluation.rows,
             "mean": evaluation.means, "failures": [f.to_json() for f in evaluation.failures]}
   write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2).encode())
   write_atomic(os.path.join(out_dir, "report.md"), markdown(evaluation).encode())
 
 
 def markdown(evaluation: Evaluation) -> str:
-  """The report as a markdown table: PSNR (dB) / SSIM per image and decoder, and the means."""
-  d = evaluation.decoders
+  """The report as markdown: PSNR (dB) / SSIM per image and decoder (the blur baseline
+  first), and the means; the means of every metric; the decoders' times."""
+  d = [BLUR, *evaluation.decoders]
   lines = ["| image | " + " | ".join(f"{name}: PSNR dB / SSIM" for name in d) + " |",
            "|---|" + "---|" * len(d)]
   for row in evaluation.rows:
@@ -199,9 +213,13 @@ def markdown(evaluation: Evaluation) -> str:
     m = evaluation.means
     lines.append("| **mean** | " + " | ".join(
         f"**{m['psnr'][n]:.2f} / {m['ssim'][n]:.4f}**" for n in d) + " |")
+    lines += ["", "| decoder (means) | PSNR dB | SSIM | colour PSNR dB (8x8 means) |"
+              " detail ratio (1 = the original's) |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {m['psnr'][n]:.2f} | {m['ssim'][n]:.4f} | {m['colour_psnr'][n]:.2f} |"
+              f" {m['detail_ratio'][n]:.3f} |" for n in d]
     lines += ["", "| decoder | seconds per image (compiled, median of images) |", "|---|---|"]
     lines += [f"| {n} | {statistics.median(r['seconds'][n] for r in evaluation.rows):.3f} |"
-              for n in d]
+              for n in evaluation.decoders]
   if evaluation.failures:
     lines += ["", f"{len(evaluation.failures)} image(s) not evaluated:"]
     lines += [f"- {f.input}: {f.reason}" for f in evaluation.failures]

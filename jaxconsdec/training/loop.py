@@ -43,7 +43,7 @@ from jaxconsdec.files import (NotRegularFileError, make_dirs_inside, open_regula
                               open_regular_for_append, read_json_object, write_atomic)
 from jaxconsdec.images import encode_png, side_by_side, to_uint8
 from jaxconsdec.inputs.listing import Failure
-from jaxconsdec.metrics import psnr
+from jaxconsdec.metrics import blur_baseline, colour_psnr, detail_ratio, psnr
 from jaxconsdec.sampler import decode
 from jaxconsdec.weights import random_params
 from jaxconsdec.training import data, latent_stats
@@ -454,9 +454,15 @@ class _Evaluator:
                                                 config=self.config, schedule=s,
                                                 layout="NHWC")))
                for name, s in EVAL_SCHEDULES.items()}
-    line = {f"psnr_{name.replace(' ', '_')}":
-            float(np.mean([psnr(a, b) for a, b in zip(self.pixels, out)]))
-            for name, out in outputs.items()}
+    # Beside PSNR, what PSNR alone misses: colour fidelity (the PSNR of 8x8 block means)
+    # and the detail ratio (below 1 smear, above 1 grain); and the bar, the blur baseline.
+    blur = np.stack([blur_baseline(p) for p in self.pixels])
+    line = {}
+    for name, out in {"blur baseline": blur, **outputs}.items():
+      for metric, score in (("psnr", psnr), ("colour_psnr", colour_psnr),
+                            ("detail_ratio", detail_ratio)):
+        line[f"{metric}_{name.replace(' ', '_')}"] = float(
+            np.mean([score(a, b) for a, b in zip(self.pixels, out)]))
     if self.lead:
       grid = np.concatenate([side_by_side(self.pixels[i], {n: o[i] for n, o in outputs.items()})
                              for i in range(len(self.pixels))])
