@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconsdec.config import NON_ARCHITECTURE_FIELDS, UNetConfig, VAEConfig
-from jaxconsdec.files import (fsync_dir, fsync_tree, make_temp_dir, os_error_in,
+from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.files import (contents, fsync_dir, fsync_tree, make_temp_dir, os_error_in,
                               read_json_object)
 from jaxconsdec.models.vae import HALVES
 from jaxconsdec.weights import check_params, param_count, params_from_torch
@@ -139,12 +139,10 @@ def check_replaceable(out_dir: str) -> bool:
       return True
     except CheckpointError as e:
       reason = f"its {META} is unreadable: {e}"
-  entries = sorted(os.listdir(out_dir))
-  shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
   raise NotACheckpointError(
-      f"{out_dir} is not a jaxconsdec checkpoint ({reason}); it holds {len(entries)}"
-      f" entries ({shown or 'none'}). --force only replaces checkpoints, so nothing of yours"
-      " is deleted: choose another -o, or remove it yourself.")
+      f"{out_dir} is not a jaxconsdec checkpoint ({reason}); it holds {contents(out_dir)}."
+      " --force only replaces checkpoints, so nothing of yours is deleted: choose another"
+      " -o, or remove it yourself.")
   return True
 
 
@@ -358,9 +356,8 @@ def _check_same_architecture(stored, given, where: str):
   """A config given for a checkpoint must be the stored one, numerics aside."""
   if given is None:
     return
-  names = [f.name for f in dataclasses.fields(stored) if f.name not in NON_ARCHITECTURE_FIELDS]
-  diffs = [f"{name}: {getattr(stored, name)!r} stored, {getattr(given, name)!r} given"
-           for name in names if getattr(stored, name) != getattr(given, name)]
+  diffs = [f"{name}: {mine!r} stored, {theirs!r} given"
+           for name, mine, theirs in stored.architecture_differences(given)]
   if diffs:
     raise CheckpointError(f"{where} holds another architecture than the config given: "
                      + "; ".join(diffs) + ". A checkpoint knows its config: pass none.")

@@ -41,6 +41,14 @@ class _Config:
   """What UNetConfig and VAEConfig share: numerics and JSON. Subclasses are frozen
   dataclasses with `dtype`, `param_dtype` and `precision` fields."""
 
+  def architecture_differences(self, other, ignore=()) -> list[tuple[str, Any, Any]]:
+    """(field, this value, other's) for each field that makes the two configs different
+    models (numerics aside, and any field named in `ignore`)."""
+    skip = set(NON_ARCHITECTURE_FIELDS) | set(ignore)
+    return [(f.name, getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)]
+
   def _check_levels(self) -> None:
     """Widths stored as a tuple of ints; at least one level and layer; groups divide widths."""
     name = type(self).__name__

@@ -95,6 +95,13 @@ def os_error_in(error: BaseException) -> int | None:
   return int(code.group(1)) if code else None
 
 
+def contents(folder: str) -> str:
+  """What a folder holds, in a few words for an error message: "3 entries (a, b, c)"."""
+  entries = sorted(os.listdir(folder))
+  shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+  return f"{len(entries)} entries ({shown or 'none'})"
+
+
 def read_json_object(path: str, max_bytes: int = 16 << 20) -> dict:
   """A small JSON object from a regular file. Raises OSError, or ValueError if the file is
   larger than `max_bytes`, not JSON, or not an object."""

@@ -92,6 +92,11 @@ def detail_ratio(reference: np.ndarray, image: np.ndarray, block: int = BLOCK) -
   return float(got / want) if want else 1.0
 
 
+# What a decode is scored on against its original (all of them take uint8 pixels (H, W, C)).
+SCORES = {"psnr": psnr, "ssim": ssim, "colour_psnr": colour_psnr,
+          "detail_ratio": detail_ratio}
+
+
 def blur_baseline(pixels: np.ndarray, block: int = BLOCK) -> np.ndarray:
   """The honest baseline a decoder must beat: the picture average-pooled onto the latent
   grid (its whole blocks) and upsampled bicubically back to its size, uint8 (H, W, C)."""

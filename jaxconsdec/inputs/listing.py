@@ -105,6 +105,20 @@ def _candidates(inputs, extensions, what, listing, exclude):
       yield given, os.path.splitext(os.path.basename(given))[0]
 
 
+def gather_failures(failures: list[Failure]) -> list[Failure]:
+  """Every process's failures, in process order, each (input, reason) once: what every
+  process sees (a listing) is not repeated. A collective: every process calls it."""
+  from jaxconsdec import multihost  # JAX: not imported by the listing itself
+  out, seen = [], set()
+  for process_failures in multihost.gather_json([f.to_json() for f in failures]):
+    for f in process_failures:
+      key = (f["input"], f["reason"])
+      if key not in seen:
+        seen.add(key)
+        out.append(Failure(f["input"], f["reason"]))
+  return out
+
+
 def drop_name_clashes(items: list, failures: list[Failure]) -> list:
   """Keeps the first item of each output name; the others are failures."""
   seen: dict = {}

@@ -46,7 +46,7 @@ from jaxconsdec import multihost
 from jaxconsdec.files import (TMP_PREFIX, UnsafePathError, is_inside, make_dirs_inside,
                               open_regular_for_append, path_component_problem,
                               read_json_object, write_atomic)
-from jaxconsdec.inputs.listing import Failure
+from jaxconsdec.inputs.listing import Failure, gather_failures
 from jaxconsdec.jobs.latent_files import LATENT_ERRORS
 
 MANIFEST = "jaxconsdec-job.json"
@@ -183,7 +183,7 @@ def run_job(job: Job, inputs: Sequence[str], out_dir: str, *, batch_size: int = 
       if stopped:
         break
     bar.close()
-    failures = _gather_failures(failures)
+    failures = gather_failures(failures)
     written = multihost.sum_over_processes(written)
     report = JobReport(len(items), int(sum(done)), written, failures, time.perf_counter() - start,
                        stopped, incomplete, listing.hidden, environment_error)
@@ -449,19 +449,6 @@ def _output_state(out_dir: str, item, job: Job) -> str:
     return "complete" if job.output_complete(path, item) else "incomplete"
   except LATENT_ERRORS:  # an output cut short (a PNG's or an NPY's header): written again
     return "incomplete"
-
-
-def _gather_failures(failures: list[Failure]) -> list[Failure]:
-  """Every process's failures, in process order. Listing failures are seen by every process,
-  so they are kept once."""
-  out, seen = [], set()
-  for process_failures in multihost.gather_json([f.to_json() for f in failures]):
-    for f in process_failures:
-      key = (f["input"], f["reason"])
-      if key not in seen:
-        seen.add(key)
-        out.append(Failure(f["input"], f["reason"]))
-  return out
 
 
 def _write_failures(out_dir: str, failures: list[Failure], report: JobReport) -> None:

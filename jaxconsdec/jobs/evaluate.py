@@ -26,13 +26,13 @@ import numpy as np
 
 from jaxconsdec.autoencoder import encode, vae_decode
 from jaxconsdec.config import UNetConfig, VAEConfig
-from jaxconsdec.files import make_dirs_inside, read_json_object, write_atomic
+from jaxconsdec.files import contents, make_dirs_inside, read_json_object, write_atomic
 from jaxconsdec.images import encode_png, side_by_side, to_uint8
 from jaxconsdec.jobs.engine import JobMismatchError, example_keys_for
 from jaxconsdec.inputs.image_files import IMAGE_ERRORS, list_images, read_pixels
 from jaxconsdec.inputs.listing import Failure
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
-from jaxconsdec.metrics import blur_baseline, colour_psnr, detail_ratio, psnr, ssim
+from jaxconsdec.metrics import SCORES, blur_baseline
 from jaxconsdec.sampler import decode
 from jaxconsdec.xla_options import compiler_options
 
@@ -50,8 +50,7 @@ def check_out_dir(out_dir: str) -> None:
     return
   if os.path.islink(out_dir) or not os.path.isdir(out_dir):
     raise JobMismatchError(f"-o {out_dir} exists and is not a folder")
-  entries = sorted(os.listdir(out_dir))
-  if not entries:
+  if not os.listdir(out_dir):
     return
   try:
     if read_json_object(os.path.join(out_dir, MARKER), 4096) == MARKER_CONTENT:
@@ -59,20 +58,15 @@ def check_out_dir(out_dir: str) -> None:
     reason = f"its {MARKER} is not eval's"
   except (OSError, ValueError) as e:
     reason = f"no readable {MARKER} ({e.strerror if isinstance(e, OSError) else e})"
-  shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
   raise JobMismatchError(
-      f"-o {out_dir} is a folder of something else ({reason}); it holds {len(entries)}"
-      f" entries ({shown}). eval writes into a new or empty folder, or updates a report it"
-      " wrote: choose another -o. Nothing was changed.")
+      f"-o {out_dir} is a folder of something else ({reason}); it holds {contents(out_dir)}."
+      " eval writes into a new or empty folder, or updates a report it wrote: choose another"
+      " -o. Nothing was changed.")
 
 
 # The bar every decoder must clear: the picture average-pooled onto the latent grid and
 # upsampled bicubically. It is scored beside the decoders (not timed, not in the grids).
 BLUR = "blur baseline (8x8 means, bicubic)"
-# What each image is scored on, against the original: PSNR and SSIM, colour fidelity (the
-# PSNR of 8x8 block means) and the detail ratio (below 1 smear, above 1 grain).
-METRICS = {"psnr": lambda a, b: psnr(a, b), "ssim": lambda a, b: ssim(a, b),
-           "colour_psnr": colour_psnr, "detail_ratio": detail_ratio}
 
 
 def decoder_name(schedule: Sequence[float]) -> str:
@@ -118,9 +112,9 @@ def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig,
     original = pixels[region]
     row = {"image": item.path, "name": item.name, "size": list(item.hw),
            "original_size": list(item.original), "fit": item.fit,
-           **{metric: {} for metric in METRICS}, "seconds": seconds}
+           **{metric: {} for metric in SCORES}, "seconds": seconds}
     for name, image in {BLUR: blur_baseline(pixels), **outputs}.items():
-      for metric, score in METRICS.items():
+      for metric, score in SCORES.items():
         row[metric][name] = float(score(original, image[region]))
     grid = os.path.join(make_dirs_inside(out_dir, os.path.join("grids",
                                                                os.path.dirname(item.name))),
@@ -132,7 +126,7 @@ def evaluate(images: Sequence[str], out_dir: str, *, params, config: UNetConfig,
       print(f"[{n}/{len(listing.items)}] {item.path}: " + ", ".join(
           f"{k} {row['psnr'][k]:.2f} dB" for k in decoders), file=sys.stderr)
   means = {metric: {d: statistics.fmean(r[metric][d] for r in rows) for d in [BLUR, *decoders]}
-           for metric in METRICS} if rows else {}
+           for metric in SCORES} if rows else {}
   if rows:
     means["seconds"] = {d: statistics.fmean(r["seconds"][d] for r in rows) for d in decoders}
   evaluation = Evaluation(decoders, rows, failures, means)

@@ -37,13 +37,13 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from jaxconsdec import checkpoint, multihost
-from jaxconsdec.config import NON_ARCHITECTURE_FIELDS, UNetConfig, VAEConfig
+from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.autoencoder import encode, encoder_half
 from jaxconsdec.files import (NotRegularFileError, make_dirs_inside, open_regular,
                               open_regular_for_append, read_json_object, write_atomic)
 from jaxconsdec.images import encode_png, side_by_side, to_uint8
-from jaxconsdec.inputs.listing import Failure
-from jaxconsdec.metrics import blur_baseline, colour_psnr, detail_ratio, psnr
+from jaxconsdec.inputs.listing import Failure, gather_failures
+from jaxconsdec.metrics import SCORES, blur_baseline
 from jaxconsdec.sampler import decode
 from jaxconsdec.weights import random_params
 from jaxconsdec.training import data, latent_stats
@@ -225,10 +225,10 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
         examples += settings.batch_size
         log_now = step % settings.log_every == 0 or step == settings.steps
         if log_now or manager.should_save(step):  # never a checkpoint of a non-finite state
-          diverged = _first_non_finite(jax.device_get(pending), step)
+          values = jax.device_get(pending)
+          diverged = _first_non_finite(values, step)
         if log_now or diverged is not None:
           now = time.perf_counter()
-          values = jax.device_get(pending)
           line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
           line.update(delta=delta, examples_per_s=examples / (now - tick))
           metrics.write(step, line, "train")
@@ -259,7 +259,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           f" {manager.latest_step() or 0}) holds finite values. Lower --lr (or raise"
           f" --warmup, lower --clip-norm) and start a new run, or --init it from a"
           f" checkpoint you trust.")
-    report.failures = listing.failures + _gathered(evaluator.failures + crops.failures)
+    report.failures = listing.failures + gather_failures(evaluator.failures + crops.failures)
     if not report.stopped:
       _export(report.model_dir, state["ema"], config, encoder, vae_config, identity, step, lead)
       if lead:
@@ -376,10 +376,8 @@ def _stored_config(stored: dict, config: UNetConfig, from_scratch: bool,
     raise TrainingSetupError(f"{path}: its config is unreadable ({type(e).__name__}: {e}):"
                              " the run folder was tampered with. Give --out a new"
                              " folder") from None
-  ignored = set(NON_ARCHITECTURE_FIELDS) | (set(LATENT_FIELDS) if from_scratch else set())
-  diffs = [f"{f.name}: {getattr(saved, f.name)!r} in run.json, {getattr(config, f.name)!r}"
-           " now" for f in dataclasses.fields(UNetConfig)
-           if f.name not in ignored and getattr(saved, f.name) != getattr(config, f.name)]
+  diffs = [f"{name}: {mine!r} in run.json, {theirs!r} now" for name, mine, theirs in
+           saved.architecture_differences(config, LATENT_FIELDS if from_scratch else ())]
   if diffs:
     raise TrainingSetupError(f"{path} holds another decoder than this command trains: "
                              + "; ".join(diffs) + ". Give --out a new folder")
@@ -459,10 +457,9 @@ class _Evaluator:
     blur = np.stack([blur_baseline(p) for p in self.pixels])
     line = {}
     for name, out in {"blur baseline": blur, **outputs}.items():
-      for metric, score in (("psnr", psnr), ("colour_psnr", colour_psnr),
-                            ("detail_ratio", detail_ratio)):
+      for metric in ("psnr", "colour_psnr", "detail_ratio"):
         line[f"{metric}_{name.replace(' ', '_')}"] = float(
-            np.mean([score(a, b) for a, b in zip(self.pixels, out)]))
+            np.mean([SCORES[metric](a, b) for a, b in zip(self.pixels, out)]))
     if self.lead:
       grid = np.concatenate([side_by_side(self.pixels[i], {n: o[i] for n, o in outputs.items()})
                              for i in range(len(self.pixels))])
@@ -530,15 +527,6 @@ def _export(model_dir, ema, config, encoder, vae_config, identity, step, lead):
                     {"trained_by": "jaxconsdec train", "step": step, "run": identity},
                     vae_params=vae, vae_config=vae_config, vae_halves=("encoder",),
                     force=os.path.exists(model_dir))
-
-
-def _gathered(failures: list[Failure]) -> list[Failure]:
-  """Every process's failures (each reads its own rows), once each, in a stable order."""
-  seen = {}
-  for views in multihost.gather_json([f.to_json() for f in failures]):
-    for f in views:
-      seen.setdefault(f["input"], Failure(f["input"], f["reason"]))
-  return [seen[k] for k in sorted(seen)]
 
 
 def _write_failures(run_dir: str, failures: list[Failure]) -> None:
