@@ -425,6 +425,10 @@ def test_flags_full_disks_and_killed_exports_are_answered(uninterrupted, photos,
   proc = _train(photos, str(tmp_path / "r"), "--curriculum", "abc", timeout=120)
   assert proc.returncode == 2 and "--curriculum takes" in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before
+  for law, words in (("1.0", "--noise-law takes"), ("1.0,-2", "positive std")):
+    proc = _train(photos, str(tmp_path / "r"), "--noise-law", law, timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before
   (tmp_path / "file").write_text("x")
   proc = _train(photos, str(tmp_path / "file"), timeout=120)
   assert proc.returncode == 2 and "--out " in proc.stderr and "-o " not in proc.stderr

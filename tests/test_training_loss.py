@@ -47,7 +47,7 @@ class TorchLoss:
     out = self.unet(torch.cat([s.c_in[t] * x_t, z], dim=1), torch.tensor([t])).sample
     return s.c_skip[t] * x_t + s.c_out[t] * out[:, :3]
 
-  def __call__(self, x0, raw_latent, t_lo, t_hi, eps):
+  def __call__(self, x0, raw_latent, t_lo, t_hi, eps, weighting="ict"):
     """x0 (1, 3, H, W), raw_latent (1, 4, h, w), eps like x0: one example's loss."""
     s = self.s
     z = (SD_SCALE * raw_latent - SD_MEAN) / SD_STD
@@ -61,7 +61,7 @@ class TorchLoss:
         x_lo = s.sqrt_alphas_cumprod[t_lo] * x0 + s.sqrt_one_minus_alphas_cumprod[t_lo] * eps
         teacher = self.D(x_lo, t_lo, z)
       sigma_lo = float(self.sigma[t_lo])
-    weight = 1.0 / (float(self.sigma[t_hi]) - sigma_lo)
+    weight = 1.0 / (float(self.sigma[t_hi]) - sigma_lo) if weighting == "ict" else 1.0
     c = 0.00054 * math.sqrt(3 * x0.shape[2] * x0.shape[3])
     # The last step in float64: in float32, sqrt(n + c^2) - c cancels where n << c^2.
     return weight * (torch.sqrt(((student - teacher) ** 2).sum().double() + c * c) - c)
@@ -75,9 +75,9 @@ def _inputs(seed, batch, size, noise_scale=1.0, image_scale=1.0):
   return [a.astype(np.float32) for a in (x0, lat, eps)]
 
 
-def _torch_losses(ref, x0, lat, eps, t_lo, t_hi):
+def _torch_losses(ref, x0, lat, eps, t_lo, t_hi, weighting="ict"):
   return torch.stack([ref(nchw(x0[i:i + 1]), nchw(lat[i:i + 1]), int(t_lo[i]), int(t_hi[i]),
-                          nchw(eps[i:i + 1])) for i in range(len(x0))])
+                          nchw(eps[i:i + 1]), weighting) for i in range(len(x0))])
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +91,12 @@ T_LO = np.array([-1, 16, 992, 128])
 T_HI = np.array([16, 32, 1008, 512])
 
 
-def test_loss_matches_an_independent_torch_loss(model):
+@pytest.mark.parametrize("weighting", ["ict", "uniform"])
+def test_loss_matches_an_independent_torch_loss(model, weighting):
   unet, params = model
   x0, lat, eps = _inputs(0, 4, 32)
-  got = jcd.consistency_loss(params, x0, lat, T_LO, T_HI, eps, config=CFG)
-  want = _torch_losses(TorchLoss(unet), x0, lat, eps, T_LO, T_HI)
+  got = jcd.consistency_loss(params, x0, lat, T_LO, T_HI, eps, config=CFG, weighting=weighting)
+  want = _torch_losses(TorchLoss(unet), x0, lat, eps, T_LO, T_HI, weighting)
   assert got.dtype == jnp.float32 and got.shape == (4,)
   err = rel_err(got, want)
   print("loss", np.asarray(got), "rel err", err)
@@ -212,11 +213,35 @@ def test_denoising_levels_snap_to_the_nearest_table_level():
   assert abs(median - pairs.P_MEAN) < 0.1 and t.min() >= 0 and t.max() <= 1023
 
 
-def _erf_law(delta):
+def test_denoising_levels_on_a_grid_take_their_band_of_the_law():
+  sigma = _sigmas()
+  levels, _ = pairs.pair_table(16, pairs.pair_count(4))  # padded, as the step passes them
+  wanted = np.exp(np.linspace(-8, 12, 401))
+  got = np.asarray(pairs.snap_to_levels(jnp.log(jnp.asarray(wanted, jnp.float32)), levels))
+  grid = np.arange(16, 1009, 16)
+  nearest = grid[np.argmin(np.abs(np.log(sigma[grid])[None, :] - np.log(wanted)[:, None]), 1)]
+  assert np.mean(got == nearest) > 0.99 and set(got) <= set(grid)
+  # The sampler's rows take the whole band of the law nearest to them.
+  n, law = 40_000, (1.0, 2.0)
+  t = np.asarray(pairs.draw_levels(jax.random.split(jax.random.key(1), n), law, levels))
+  assert set(t) <= set(grid)
+  top_band = 1.0 - stats.norm.cdf((np.log(sigma[992] * sigma[1008]) / 2 - 1.0) / 2.0)
+  assert abs(np.mean(t == 1008) - top_band) < 4 * math.sqrt(top_band / n)
+  assert top_band > 0.1  # over 100 times the whole table's row 1008 under iCT's law
+
+
+@pytest.mark.parametrize("law", [(0.0, 0.0), (1.0, -2.0), (float("nan"), 1.0), (1.0,)])
+def test_a_broken_noise_law_is_refused(law):
+  with pytest.raises(ValueError):
+    pairs.pair_probabilities(16, law)
+
+
+def _erf_law(delta, mean=-1.1, std=2.0):
   """The pair law, from TRAINING.md's formula and diffusers' own alpha-bar table."""
   sigma = _sigmas()
   levels = list(range(delta, 1009, delta))
-  cdf = [-1.0] + [math.erf((math.log(sigma[t]) + 1.1) / (math.sqrt(2.0) * 2.0)) for t in levels]
+  cdf = [-1.0] + [math.erf((math.log(sigma[t]) - mean) / (math.sqrt(2.0) * std))
+                  for t in levels]
   mass = np.diff(cdf)
   return [-1] + levels, mass / mass.sum()
 
@@ -228,6 +253,8 @@ def test_pair_law_is_the_discretised_lognormal(delta, boundary):
   np.testing.assert_array_equal(pairs.grid(delta), levels)
   np.testing.assert_allclose(pairs.pair_probabilities(delta), law, rtol=1e-9)
   assert round(float(law[0]), 3) == boundary  # TRAINING.md's computed values
+  levels, law = _erf_law(delta, 1.0, 1.5)
+  np.testing.assert_allclose(pairs.pair_probabilities(delta, (1.0, 1.5)), law, rtol=1e-9)
 
 
 def test_drawn_pairs_follow_the_law():
@@ -258,3 +285,18 @@ def test_curriculum_stages_take_equal_shares():
   stages = [pairs.curriculum_delta(s, 100, pairs.SCRATCH_CURRICULUM) for s in range(100)]
   assert stages[:20] == [64] * 20 and stages[20:40] == [32] * 20 and stages[80:] == [4] * 20
   assert pairs.curriculum_delta(500, 100, (16,)) == 16
+
+
+def test_anchored_examples_take_the_clean_image_as_teacher():
+  keys = jax.random.split(jax.random.key(2), 20_000)
+  t_lo, _ = pairs.draw_pairs(keys, 16)
+  assert np.array_equal(pairs.anchor(keys, t_lo, 0.0), t_lo)
+  assert np.all(np.asarray(pairs.anchor(keys, t_lo, 1.0)) == pairs.VIRTUAL_LEVEL)
+  half = np.asarray(pairs.anchor(keys, t_lo, 0.5))
+  moved = (half == pairs.VIRTUAL_LEVEL) & (np.asarray(t_lo) != pairs.VIRTUAL_LEVEL)
+  assert abs(moved.mean() - 0.5 * np.mean(np.asarray(t_lo) != pairs.VIRTUAL_LEVEL)) < 0.015
+  assert np.all((half == np.asarray(t_lo)) | (half == pairs.VIRTUAL_LEVEL))
+  # An example's choice is its key's alone, whatever batch it is in.
+  assert int(pairs.anchor(keys[7:8], t_lo[7:8], 0.5)[0]) == half[7]
+  with pytest.raises(ValueError):
+    pairs.anchor(keys, t_lo, 1.5)

@@ -61,10 +61,20 @@ def add_arguments(p) -> None:
                    help="EMA of the exported weights, warmed up as min(d, (1+n)/(10+n))")
   opt.add_argument("--curriculum", metavar="DELTAS",
                    help="grid spacings in table steps, in equal shares of the run (default 16"
-                   " with --init; 64,32,16,8,4 from scratch)")
+                   " with --init or --objective denoising; 64,32,16,8,4 from scratch)")
   opt.add_argument("--objective", choices=("consistency", "denoising"), default="consistency",
                    help="consistency training, or denoising pre-training: stage 1 of a new"
                    " decoder, whose result a consistency run then takes as --init")
+  opt.add_argument("--noise-law", metavar="MEAN,STD",
+                   help="the lognormal over sigma from which pairs (or, for denoising, levels)"
+                   " are drawn: mean and std of ln sigma (default -1.1,2.0, iCT's; the demo"
+                   " uses 1.0,2.0, docs/training.md)")
+  opt.add_argument("--pair-weighting", choices=("ict", "uniform"), default="ict",
+                   help="weight of a pair's distance: 1/(sigma_hi - sigma_lo) (iCT's), or 1"
+                   " (CM's; the demo's, which keeps the decoder's top levels trained)")
+  opt.add_argument("--anchor-share", type=float, default=0.0, metavar="Q",
+                   help="share of examples whose teacher is the clean image at any level (0:"
+                   " only the boundary pair's; the demo uses 0.5, docs/training.md)")
   opt.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (from scratch)")
   opt.add_argument("--bf16", action="store_true",
                    help="bfloat16 compute, float32 master weights and loss")
@@ -92,9 +102,21 @@ def _curriculum(value: str | None):
   return deltas
 
 
+def _noise_law(value: str | None):
+  if value is None:
+    return None
+  try:
+    mean, std = (float(v) for v in value.split(","))
+  except ValueError:
+    raise UsageError(f"--noise-law takes the mean and std of ln sigma (such as -1.1,2.0), got"
+                     f" {value!r}") from None
+  return mean, std
+
+
 def run(args) -> int:
   check_job_flags(args, out_flag="--out")
   deltas = _curriculum(args.curriculum)
+  noise_law = _noise_law(args.noise_law)
   if args.init and args.config:
     raise UsageError("give --init (fine-tune those weights) or --config (train a new decoder"
                      " of that architecture from scratch), not both")
@@ -122,7 +144,9 @@ def run(args) -> int:
   from jaxconsdec.training import loop, pairs, step
 
   scratch = args.config is not None
-  curriculum = deltas or (pairs.SCRATCH_CURRICULUM if scratch else pairs.FINE_TUNE_CURRICULUM)
+  # Denoising draws its levels on the grid too: by default the released sampler's, G_16.
+  curriculum = deltas or (pairs.SCRATCH_CURRICULUM if scratch and args.objective == "consistency"
+                          else pairs.FINE_TUNE_CURRICULUM)
   lr = args.lr if args.lr is not None else 1e-4 if scratch else 1e-5
   try:
     optimization = step.Optimization(
@@ -131,6 +155,8 @@ def run(args) -> int:
     settings = loop.RunSettings(
         steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,
         seed=args.seed, curriculum=curriculum, objective=args.objective,
+        noise_law=noise_law or pairs.ICT_LAW, pair_weighting=args.pair_weighting,
+        anchor_share=args.anchor_share,
         optimization=optimization,
         compute_dtype="bfloat16" if args.bf16 else "float32", remat=args.remat,
         flip=not args.no_flip, save_every=args.save_every, keep=args.keep,

@@ -47,9 +47,11 @@ from jaxconsdec.metrics import SCORES, blur_baseline
 from jaxconsdec.sampler import decode
 from jaxconsdec.weights import random_params
 from jaxconsdec.training import data, latent_stats
-from jaxconsdec.training.pairs import FINE_TUNE_CURRICULUM, check_delta, curriculum_delta
+from jaxconsdec.training.pairs import (FINE_TUNE_CURRICULUM, ICT_LAW, check_delta, check_law,
+                                      curriculum_delta)
 from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, LOCK, METRICS, MODEL, RUN,
                                            SAMPLES, TENSORBOARD)
+from jaxconsdec.training.loss import PAIR_WEIGHTINGS
 from jaxconsdec.training.step import OBJECTIVES, Optimization, TrainStep, init_state, local_copy
 
 EVAL_SCHEDULES = {"1 step": (1.0,), "2 steps": (1.0, 0.5)}
@@ -73,6 +75,9 @@ class RunSettings:
   seed: int = 0
   curriculum: tuple[int, ...] = FINE_TUNE_CURRICULUM
   objective: str = "consistency"
+  noise_law: tuple[float, float] = ICT_LAW
+  pair_weighting: str = "ict"
+  anchor_share: float = 0.0
   optimization: Optimization = Optimization()
   compute_dtype: str = "float32"
   remat: bool = False
@@ -85,6 +90,10 @@ class RunSettings:
 
   def __post_init__(self):
     object.__setattr__(self, "curriculum", tuple(check_delta(d) for d in self.curriculum))
+    try:
+      object.__setattr__(self, "noise_law", check_law(self.noise_law))
+    except (TypeError, ValueError) as e:
+      raise TrainingSetupError(str(e)) from None
     for name in ("steps", "batch_size", "save_every", "keep", "eval_every", "log_every"):
       if getattr(self, name) < 1:
         raise TrainingSetupError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -95,6 +104,10 @@ class RunSettings:
       raise TrainingSetupError("the curriculum needs at least one grid spacing")
     if self.objective not in OBJECTIVES:
       raise TrainingSetupError(f"objective must be one of {OBJECTIVES}")
+    if not 0.0 <= self.anchor_share <= 1.0:
+      raise TrainingSetupError(f"the anchor share must be in [0, 1], got {self.anchor_share}")
+    if self.pair_weighting not in PAIR_WEIGHTINGS:
+      raise TrainingSetupError(f"pair_weighting must be one of {PAIR_WEIGHTINGS}")
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -169,7 +182,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
 
     step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
                         deltas=settings.curriculum, remat=settings.remat,
-                        objective=settings.objective)
+                        objective=settings.objective, noise_law=settings.noise_law,
+                        pair_weighting=settings.pair_weighting,
+                        anchor_share=settings.anchor_share)
     step_fn.check_batch_size(settings.batch_size)
     vae_encoder = step_fn.replicate(encoder)
     manager = ocp.CheckpointManager(

@@ -52,8 +52,15 @@ def denoise(params, x: jax.Array, t: jax.Array, z: jax.Array, *, config: UNetCon
   return coef(TABLES.c_out) * out[..., :3].astype(jnp.float32) + coef(TABLES.c_skip) * x
 
 
+# How a pair's distance is weighted: "ict", 1 / (sigma_hi - sigma_lo) (iCT); "uniform", 1
+# (CM's lambda = 1), which leaves the pairs at the top of the table, where a decoder samples,
+# their share of the gradient (docs/training.md, the demo's ablations).
+PAIR_WEIGHTINGS = ("ict", "uniform")
+
+
 def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNetConfig,
-                     dropout_key=None, remat: bool = False) -> jax.Array:
+                     dropout_key=None, remat: bool = False,
+                     weighting: str = "ict") -> jax.Array:
   """Per-example consistency-training losses, float32 (B,).
 
   Args:
@@ -68,10 +75,13 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
       i then uses fold_in(key, i), as `decode` does), or one key per example (B,); the
       student and the teacher use the same masks, so t_lo = t_hi gives exactly zero.
     remat: recompute ResBlock activations in the backward pass (memory for compute).
+    weighting: "ict" (1 / (sigma_hi - sigma_lo)) or "uniform" (1), see PAIR_WEIGHTINGS.
 
   The mean over examples is the batch loss. Whatever `config.dtype`, the images, the
   denoiser's output and the loss are float32.
   """
+  if weighting not in PAIR_WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {PAIR_WEIGHTINGS}, got {weighting!r}")
   params, x0, eps, z, keys = _checked(params, images, latents, noise, config, dropout_key)
   b, height, width, _ = x0.shape
   t_lo, t_hi = jnp.asarray(t_lo, jnp.int32), jnp.asarray(t_hi, jnp.int32)
@@ -90,6 +100,8 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
   # A pair of equal levels (never drawn) is weighted 1: its loss is then the plain distance,
   # exactly 0 when student and teacher agree, instead of 0/0.
   weight = jnp.where(t_lo == t_hi, 1.0, 1.0 / jnp.where(t_lo == t_hi, 1.0, gap))
+  if weighting == "uniform":
+    weight = jnp.ones_like(weight)
   c = huber_c(height, width)
   norm2 = jnp.sum(jnp.square(student - teacher), axis=(1, 2, 3))
   # sqrt(n + c^2) - c, written as n / (sqrt(n + c^2) + c): the same value without float32

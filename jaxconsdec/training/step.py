@@ -24,7 +24,8 @@ from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.xla_options import compiler_options
 from jaxconsdec.autoencoder import nested_encode
 from jaxconsdec.training.loss import consistency_loss, denoising_loss
-from jaxconsdec.training.pairs import draw_from_table, draw_levels, pair_count, pair_table
+from jaxconsdec.training.pairs import (ICT_LAW, anchor, check_law, draw_from_table, draw_levels,
+                                      pair_count, pair_table)
 
 DATA_AXIS = "data"
 # "consistency": consistency training (the decoder's objective). "denoising": stage 1 of a
@@ -94,7 +95,7 @@ def example_streams(seed: int, first: jax.Array, count: int):
 
 def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfig,
           vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
-          objective: str):
+          objective: str, noise_law, pair_weighting: str, anchor_share: float):
   images = pixels.astype(jnp.float32) / 127.5 - 1.0
   b = images.shape[0]
   pair_keys, noise_keys, dropout_keys = example_streams(seed, first, b)
@@ -106,7 +107,9 @@ def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfi
   dropout = dropout_keys if config.dropout else None
 
   if objective == "denoising":
-    t_lo = t_hi = draw_levels(pair_keys)
+    t_lo = t_hi = draw_levels(pair_keys, noise_law, levels)
+  else:
+    t_lo = anchor(pair_keys, t_lo, anchor_share)
 
   def batch_loss(params):
     if objective == "denoising":
@@ -114,7 +117,7 @@ def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfi
                               dropout_key=dropout, remat=remat)
     else:
       losses = consistency_loss(params, images, latents, t_lo, t_hi, noise, config=config,
-                                dropout_key=dropout, remat=remat)
+                                dropout_key=dropout, remat=remat, weighting=pair_weighting)
     return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(batch_loss)(state["params"])
@@ -142,6 +145,7 @@ class TrainStep:
 
   def __init__(self, config: UNetConfig, vae_config: VAEConfig, optimization: Optimization,
                *, seed: int, deltas=(16,), remat: bool = False, objective: str = "consistency",
+               noise_law=ICT_LAW, pair_weighting: str = "ict", anchor_share: float = 0.0,
                devices=None):
     if objective not in OBJECTIVES:
       raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -150,11 +154,13 @@ class TrainStep:
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
     self.config, self.vae_config = config, vae_config
     pairs = max(pair_count(d) for d in deltas)
-    self._tables = {d: pair_table(d, pairs) for d in deltas}
+    noise_law = check_law(noise_law)
+    self._tables = {d: pair_table(d, pairs, noise_law) for d in deltas}
     self.program = jax.jit(
         functools.partial(_step, config=config, vae_config=vae_config,
                           optimization=optimization, seed=seed, remat=remat,
-                          objective=objective),
+                          objective=objective, noise_law=noise_law,
+                          pair_weighting=pair_weighting, anchor_share=float(anchor_share)),
         in_shardings=(self.replicated, self.replicated, self.batch_sharding, None, None, None),
         out_shardings=(self.replicated, self.replicated),
         compiler_options=compiler_options(self.mesh.devices.flat[0].platform))
