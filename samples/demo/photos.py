@@ -1,6 +1,10 @@
 """The demo's photos: real pictures that ship with scikit-image, split once into training and
 held-out sets (a held-out photo is never cropped for training, by the encoder or the
-decoder). Written as PNG files so that `jaxconsdec train` and `encode` read them as a user's."""
+decoder). Written as PNG files so that `jaxconsdec train` and `encode` read them as a user's.
+
+A third set, `unseen/`, holds photos from outside scikit-image (scikit-learn's and
+matplotlib's sample pictures, `pip install scikit-learn matplotlib`) and two scikit-image
+pictures no demo set uses: the demo's numbers on pictures unlike its training photos."""
 
 import os
 import sys
@@ -10,12 +14,32 @@ import skimage.data
 from PIL import Image
 
 HELD_OUT = ("astronaut", "chelsea", "coffee")
+UNSEEN = ("sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
+          "matplotlib:Minduka_Present_Blue_Pack.png", "cell", "microaneurysms")
 TRAINING = ("rocket", "hubble_deep_field", "retina", "immunohistochemistry",
             "motorcycle_left", "motorcycle_right", "camera", "coins", "brick", "grass",
             "gravel", "moon", "clock", "colorwheel", "horse", "page", "text", "logo")
 
 
+def _packaged(name: str) -> np.ndarray:
+  package, file = name.split(":")
+  if package == "sklearn":
+    import sklearn.datasets
+    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+  else:
+    import matplotlib
+    folder = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data")
+  with Image.open(os.path.join(folder, file)) as image:
+    return np.asarray(image.convert("RGB"))
+
+
+def file_name(name: str) -> str:
+  return os.path.splitext(name.split(":")[-1])[0]
+
+
 def pixels(name: str) -> np.ndarray:
+  if ":" in name:
+    return _packaged(name)
   if name.startswith("motorcycle_"):
     left, right, _ = skimage.data.stereo_motorcycle()
     image = left if name.endswith("left") else right
@@ -40,8 +64,11 @@ def write(folder: str, names) -> list[str]:
   os.makedirs(folder, exist_ok=True)
   paths = []
   for name in names:
-    path = os.path.join(folder, f"{name}.png")
-    Image.fromarray(pixels(name)).save(path)
+    path = os.path.join(folder, f"{file_name(name)}.png")
+    image = pixels(name)
+    if image.ndim == 2:
+      image = np.repeat(image[..., None], 3, axis=-1)
+    Image.fromarray(image).save(path)
     paths.append(path)
   return paths
 
@@ -50,3 +77,4 @@ if __name__ == "__main__":
   root = sys.argv[1]
   write(os.path.join(root, "train"), TRAINING)
   write(os.path.join(root, "held_out"), HELD_OUT)
+  write(os.path.join(root, "unseen"), UNSEEN)
