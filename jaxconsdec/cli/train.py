@@ -71,7 +71,8 @@ def add_arguments(p) -> None:
                    " uses 1.0,2.0, docs/training.md)")
   opt.add_argument("--pair-weighting", choices=("ict", "uniform"), default="ict",
                    help="weight of a pair's distance: 1/(sigma_hi - sigma_lo) (iCT's), or 1"
-                   " (CM's; the demo's, which keeps the decoder's top levels trained)")
+                   " (CM's), which gives the top levels, where a decoder samples, more of"
+                   " the gradient")
   opt.add_argument("--anchor-share", type=float, default=0.0, metavar="Q",
                    help="share of examples whose teacher is the clean image at any level (0:"
                    " only the boundary pair's; the demo uses 0.5, docs/training.md)")

@@ -53,8 +53,8 @@ def denoise(params, x: jax.Array, t: jax.Array, z: jax.Array, *, config: UNetCon
 
 
 # How a pair's distance is weighted: "ict", 1 / (sigma_hi - sigma_lo) (iCT); "uniform", 1
-# (CM's lambda = 1), which leaves the pairs at the top of the table, where a decoder samples,
-# their share of the gradient (docs/training.md, the demo's ablations).
+# (CM's lambda = 1), which gives the pairs at the top of the table, where a decoder samples,
+# more of the gradient (docs/training.md, the demo's ablations).
 PAIR_WEIGHTINGS = ("ict", "uniform")
 
 
