@@ -19,6 +19,7 @@ every read, so an uninterrupted run and a resumed one still see the same crops.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import sys
@@ -57,12 +58,38 @@ class NoReadableImagesError(ValueError):
   """Every training image failed to decode."""
 
 
+# Decoded images kept between crops: bounded in bytes, not in images, since one image at the
+# pixel limit (4096x4096) takes 48 MiB and a count bound would hold up to ~13 GB.
+CACHE_BYTES = 1 << 30
+
+
+class _ImageCache:
+  """The most recently used decoded images, at most `limit` bytes of them (the newest one is
+  kept whatever its size)."""
+
+  def __init__(self, read, limit: int):
+    self._read, self.limit = read, limit
+    self._images: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    self.nbytes = 0
+
+  def __call__(self, index: int) -> np.ndarray:
+    if index in self._images:
+      self._images.move_to_end(index)
+      return self._images[index]
+    image = self._read(index)
+    self._images[index] = image
+    self.nbytes += image.nbytes
+    while self.nbytes > self.limit and len(self._images) > 1:
+      self.nbytes -= self._images.popitem(last=False)[1].nbytes
+    return image
+
+
 class TrainingCrops:
   """The crops of a run: `rows(first, count)` -> (count, R, R, 3) uint8. `failures` lists
   the images left out because they failed to decode when read."""
 
   def __init__(self, items: Sequence[ImageItem], resolution: int, seed: int, flip: bool = True,
-               cache_images: int = 256, log=sys.stderr):
+               cache_bytes: int = CACHE_BYTES, log=sys.stderr):
     if not items:
       raise ValueError("no usable training images")
     self.items = list(items)
@@ -72,10 +99,13 @@ class TrainingCrops:
     self.failures: list[Failure] = []
     self._unreadable: set[int] = set()
     self._log = log
-    self._pixels = functools.lru_cache(maxsize=cache_images)(self._read)
+    self._pixels = _ImageCache(lambda index: read_pixels(self.items[index]), cache_bytes)
 
-  def _read(self, index: int) -> np.ndarray:
-    return read_pixels(self.items[index])
+  @property
+  def cached_bytes(self) -> int:
+    """Host memory the decoded images kept between crops take (at most `cache_bytes`, or
+    the one newest image)."""
+    return self._pixels.nbytes
 
   def readable(self, index: int) -> bool:
     """Whether image `index` decodes (it is read, and cached, on the first call)."""
