@@ -47,8 +47,8 @@ from jaxconsdec.metrics import SCORES, blur_baseline
 from jaxconsdec.sampler import decode
 from jaxconsdec.weights import random_params
 from jaxconsdec.training import data, latent_stats
-from jaxconsdec.training.pairs import (FINE_TUNE_CURRICULUM, ICT_LAW, check_delta, check_law,
-                                      curriculum_delta)
+from jaxconsdec.training.pairs import (FINE_TUNE_CURRICULUM, ICT_LAW, check_anchor_share,
+                                      check_delta, check_law, curriculum_delta)
 from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, LOCK, METRICS, MODEL, RUN,
                                            SAMPLES, TENSORBOARD)
 from jaxconsdec.training.loss import PAIR_WEIGHTINGS
@@ -92,6 +92,7 @@ class RunSettings:
     object.__setattr__(self, "curriculum", tuple(check_delta(d) for d in self.curriculum))
     try:
       object.__setattr__(self, "noise_law", check_law(self.noise_law))
+      object.__setattr__(self, "anchor_share", check_anchor_share(self.anchor_share))
     except (TypeError, ValueError) as e:
       raise TrainingSetupError(str(e)) from None
     for name in ("steps", "batch_size", "save_every", "keep", "eval_every", "log_every"):
@@ -104,8 +105,6 @@ class RunSettings:
       raise TrainingSetupError("the curriculum needs at least one grid spacing")
     if self.objective not in OBJECTIVES:
       raise TrainingSetupError(f"objective must be one of {OBJECTIVES}")
-    if not 0.0 <= self.anchor_share <= 1.0:
-      raise TrainingSetupError(f"the anchor share must be in [0, 1], got {self.anchor_share}")
     if self.pair_weighting not in PAIR_WEIGHTINGS:
       raise TrainingSetupError(f"pair_weighting must be one of {PAIR_WEIGHTINGS}")
 

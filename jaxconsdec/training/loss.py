@@ -99,9 +99,10 @@ def consistency_loss(params, images, latents, t_lo, t_hi, noise, *, config: UNet
   gap = sigmas[t_hi] - jnp.where(boundary, 0.0, sigmas[jnp.maximum(t_lo, 0)])
   # A pair of equal levels (never drawn) is weighted 1: its loss is then the plain distance,
   # exactly 0 when student and teacher agree, instead of 0/0.
-  weight = jnp.where(t_lo == t_hi, 1.0, 1.0 / jnp.where(t_lo == t_hi, 1.0, gap))
   if weighting == "uniform":
-    weight = jnp.ones_like(weight)
+    weight = jnp.ones_like(gap)
+  else:
+    weight = jnp.where(t_lo == t_hi, 1.0, 1.0 / jnp.where(t_lo == t_hi, 1.0, gap))
   c = huber_c(height, width)
   norm2 = jnp.sum(jnp.square(student - teacher), axis=(1, 2, 3))
   # sqrt(n + c^2) - c, written as n / (sqrt(n + c^2) + c): the same value without float32

@@ -113,15 +113,19 @@ def draw_from_table(keys: jax.Array, levels, logits) -> tuple[jax.Array, jax.Arr
   return (levels[index].reshape(keys.shape), levels[index + 1].reshape(keys.shape))
 
 
+def check_anchor_share(share: float) -> float:
+  if not 0.0 <= share <= 1.0:
+    raise ValueError(f"the anchor share must be in [0, 1], got {share}")
+  return float(share)
+
+
 def anchor(keys: jax.Array, t_lo: jax.Array, share: float) -> jax.Array:
   """t_lo with the clean image (the virtual level) as the teacher for a `share` of examples,
   each chosen by its own key: ECT's first regime, the clean image as every level's target,
   kept for part of the batch. Without it, short consistency runs from a denoiser drift to
   self-consistent grey pictures at the top levels, which only a long chain of pairs ties to
   the boundary (docs/training.md, the demo's ablations)."""
-  if not 0.0 <= share <= 1.0:
-    raise ValueError(f"the anchor share must be in [0, 1], got {share}")
-  if share == 0.0:
+  if check_anchor_share(share) == 0.0:
     return t_lo
   chosen = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), share))(
       keys.reshape(-1)).reshape(t_lo.shape)

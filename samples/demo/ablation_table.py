@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from jaxconsdec.training.pairs import ICT_LAW
+
 ONE, TWO = "Consistency Decoder, 1 step", "Consistency Decoder, 2 steps"
 BLUR = "blur baseline (8x8 means, bicubic)"
 
@@ -36,7 +38,7 @@ def settings_of(run_dir: str) -> dict:
           "init": init.split(":")[-1][:8] if init.startswith("checkpoint") else "scratch",
           "steps": s["steps"], "batch": s["batch_size"], "crop": s["resolution"],
           "lr": s["optimization"]["lr"], "ema": s["optimization"]["ema_decay"],
-          "noise law": ",".join(f"{v:g}" for v in s.get("noise_law", (-1.1, 2.0))),
+          "noise law": ",".join(f"{v:g}" for v in s.get("noise_law", ICT_LAW)),
           "curriculum": ",".join(str(d) for d in s["curriculum"])
           if s["objective"] == "consistency" else "-",
           "weighting": s.get("pair_weighting", "ict") if s["objective"] == "consistency" else "-",
