@@ -17,9 +17,15 @@ is a C-library one that helps any program, each round also runs torch under it a
 jaxconsdec without it; the like-for-like ratios and each step's minor page faults are
 reported beside the main one.
 
-Memory: XLA's compiled memory (arguments, outputs, temporaries) of the whole trainer step
-(`jaxconsdec.training.step.TrainStep`, with the frozen SD encoder) at 256x256, batch 1 and
-8, with and without rematerialised ResBlocks. Compiling only; nothing runs.
+Memory: XLA's compiled memory per device (arguments, outputs, temporaries) of the whole
+trainer step (`jaxconsdec.training.step.TrainStep`, with the frozen SD encoder, the state
+donated) at 256x256, 1 and 8 examples per device, on 1 and 8 simulated CPU devices: fp32 and
+bf16, with and without rematerialised ResBlocks, the state sharded (and replicated, for
+comparison). Compiling only; nothing runs.
+
+Peaks: peak RSS of whole runs in their own processes: `jaxconsdec train` of the released
+widths for 2 steps at 256², batch 1 on one device and at 64², batch 8 on 8 simulated
+devices, and the same step in PyTorch (with an EMA copy, as the trainer keeps).
 
 Throughput (the GPU check): the whole trainer step (encoder, pair draws, loss, Adam, EMA)
 of the released widths on the default device: images/s, and MFU = FLOPs by XLA's cost
@@ -27,9 +33,10 @@ analysis (docs/training.md's estimate, ~4 UNet forwards = 34 TFLOP per 256x256 e
 it) over the time, over the peak of a large matmul measured on the same device.
 
   python benchmarks/train_speed.py speed --size 64 --batch 1 --rounds 3 --steps 3
-  python benchmarks/train_speed.py memory --size 256 --batches 1,8
+  python benchmarks/train_speed.py peaks
+  python benchmarks/train_speed.py memory --size 256 --batches 1,8 --devices 1,8
   python benchmarks/train_speed.py throughput --size 256 --batch 8 --dtype bfloat16
-Writes benchmarks/results/train_speed_cpu.json / train_memory_cpu.json /
+Writes benchmarks/results/train_speed_cpu.json / train_peaks_cpu.json / train_memory_cpu.json /
 train_throughput_<backend>.json (and .md).
 """
 
@@ -77,6 +84,7 @@ def jax_worker(args):
   import jax.numpy as jnp
   import optax
   import jaxconsdec as jcd
+  from jaxconsdec.models.conv import cpu_product_gradients
   from jaxconsdec.training.step import Optimization
   jax.config.update("jax_compilation_cache_dir", args.cache)
   cfg = jcd.CONSISTENCY_DECODER
@@ -87,8 +95,9 @@ def jax_worker(args):
   t_lo, t_hi = np.full(args.batch, T_LO), np.full(args.batch, T_HI)
 
   def update(params, opt_state, x0, lat, eps):
-    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jcd.consistency_loss(
-        p, x0, lat, t_lo, t_hi, eps, config=cfg)))(params)
+    with cpu_product_gradients(jax.default_backend() == "cpu"):  # as the trainer's step
+      loss, grads = jax.value_and_grad(lambda p: jnp.mean(jcd.consistency_loss(
+          p, x0, lat, t_lo, t_hi, eps, config=cfg)))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   # The state is updated in place, as torch's; XLA:CPU options as every jaxconsdec program.
@@ -127,6 +136,7 @@ def torch_worker(args):
     out = unet(torch.cat([s.c_in[t] * x, z], dim=1), tt).sample
     return s.c_skip[t] * x + s.c_out[t] * out[:, :3]
 
+  ema = [p.detach().clone() for p in unet.parameters()] if args.ema else None
   times, faults = [], []
   for _ in range(args.steps + 1):
     start, before = time.perf_counter(), _minor_faults()
@@ -139,6 +149,9 @@ def torch_worker(args):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # as Optimization's clip_norm
     opt.step()
+    if ema is not None:
+      with torch.no_grad():
+        torch._foreach_lerp_(ema, list(unet.parameters()), 1e-4)
     times.append(time.perf_counter() - start)
     faults.append(_minor_faults() - before)
   return times[1:], faults[1:], float(loss)
@@ -204,43 +217,145 @@ def speed(args):
   _write(args.out or os.path.join(RESULTS, "train_speed_cpu"), result, table)
 
 
+# Compiled-memory variants: (compute dtype, remat, state layout).
+MEMORY_VARIANTS = {"fp32": ("float32", False, "sharded"),
+                   "fp32, remat": ("float32", True, "sharded"),
+                   "bf16": ("bfloat16", False, "sharded"),
+                   "bf16, remat": ("bfloat16", True, "sharded"),
+                   "fp32, replicated state": ("float32", False, "replicated")}
+
+
 def memory(args):
+  """Each device count in its own process (XLA's simulated CPU devices are fixed at start)."""
+  rows = []
+  for devices in (int(d) for d in args.devices.split(",")):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, __file__, "memory-worker", "--size", str(args.size), "--batches",
+           args.batches, "--variants", args.variants]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  torch_peak = _torch_peak_gib()
+  table = ("| devices | size | batch | variant | state GiB | temporaries GiB |"
+           " total per device GiB |\n|---|---|---|---|---|---|---|\n" + "".join(
+               f"| {r['devices']} | {r['size']}² | {r['batch']} | {r['variant']} |"
+               f" {r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} |"
+               f" {r['total_gib']:.2f} |\n" for r in rows))
+  if torch_peak:
+    table += (f"\nPyTorch, the same step at 256², batch 1, one process (peak RSS, `peaks`):"
+              f" {torch_peak:.2f} GiB.\n")
+  _write(args.out or os.path.join(RESULTS, "train_memory_cpu"),
+         {"machine": _machine(), "rows": rows, "torch_peak_rss_gib": torch_peak}, table)
+
+
+def _torch_peak_gib():
+  path = os.path.join(RESULTS, "train_peaks_cpu.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["runs"]["torch, 1 device, 256², batch 1"]["peak_rss_gib"]
+
+
+def memory_worker(args):
+  """XLA's compiled memory per device (arguments, outputs, temporaries) of the whole trainer
+  step, the state donated, at each batch and variant. Compiling only; nothing runs."""
   import jax
   import jaxconsdec as jcd
-  from jaxconsdec.training.step import Optimization, TrainStep, init_state
-  rows = []
-  params = jcd.abstract_params(jcd.CONSISTENCY_DECODER)
+  from jaxconsdec.training.step import Optimization, TrainStep
   vae = jcd.abstract_params(jcd.SD_VAE, halves=("encoder",))
   opt = Optimization()
-  state = jax.eval_shape(lambda p: init_state(p, opt), params)
+  n = jax.device_count()
   for batch in (int(b) for b in args.batches.split(",")):
-    for remat in (False, True):
-      step = TrainStep(jcd.CONSISTENCY_DECODER, jcd.SD_VAE, opt, seed=0, remat=remat,
-                       devices=jax.devices()[:1])
-      pixels = jax.ShapeDtypeStruct((batch, args.size, args.size, 3), np.uint8,
+    for variant in args.variants.split(";"):
+      dtype, remat, layout = MEMORY_VARIANTS[variant]
+      if layout == "replicated" and n == 1:
+        continue  # the same program as sharded on one device
+      cfg = jcd.CONSISTENCY_DECODER.replace(dtype=dtype)
+      step = TrainStep(cfg, jcd.SD_VAE, opt, seed=0, remat=remat, state_layout=layout)
+      global_batch = batch * n  # `batch` examples per device
+      pixels = jax.ShapeDtypeStruct((global_batch, args.size, args.size, 3), np.uint8,
                                     sharding=step.batch_sharding)
+      vae_in = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=step.replicated), vae)
       levels, logits = step.tables(16)
       start = time.perf_counter()
-      compiled = step.program.lower(state, vae, pixels, np.int32(0), levels, logits).compile()
-      seconds = time.perf_counter() - start
+      compiled = step.program.lower(step.state_abstract(), vae_in, pixels, np.int32(0), levels,
+                                    logits).compile()
       m = compiled.memory_analysis()
-      gib = lambda n: n / 2 ** 30
-      row = {"size": args.size, "batch": batch, "remat": remat,
-             "arguments_gib": gib(m.argument_size_in_bytes),
-             "outputs_gib": gib(m.output_size_in_bytes),
-             "temporaries_gib": gib(m.temp_size_in_bytes),
-             "total_gib": gib(m.argument_size_in_bytes + m.output_size_in_bytes
-                              + m.temp_size_in_bytes - m.alias_size_in_bytes),
-             "compile_s": seconds}
-      rows.append(row)
-      print(row, flush=True)
-  table = ("| size | batch | remat | arguments GiB | outputs GiB | temporaries GiB | total GiB |\n"
-           "|---|---|---|---|---|---|---|\n" + "".join(
-               f"| {r['size']}² | {r['batch']} | {'yes' if r['remat'] else 'no'} |"
-               f" {r['arguments_gib']:.2f} | {r['outputs_gib']:.2f} |"
-               f" {r['temporaries_gib']:.2f} | {r['total_gib']:.2f} |\n" for r in rows))
-  _write(args.out or os.path.join(RESULTS, "train_memory_cpu"),
-         {"machine": _machine(), "backend": jax.default_backend(), "rows": rows}, table)
+      gib = lambda b: b / 2 ** 30
+      print(json.dumps({
+          "devices": n, "size": args.size, "batch": batch, "variant": variant,
+          "arguments_gib": gib(m.argument_size_in_bytes),
+          "outputs_gib": gib(m.output_size_in_bytes),
+          "aliased_gib": gib(m.alias_size_in_bytes),
+          "temporaries_gib": gib(m.temp_size_in_bytes),
+          "total_gib": gib(m.argument_size_in_bytes + m.output_size_in_bytes
+                           + m.temp_size_in_bytes - m.alias_size_in_bytes),
+          "compile_s": time.perf_counter() - start}), flush=True)
+
+
+# The runs of issue-style memory checks: (name, command kind, simulated devices, arguments).
+PEAK_RUNS = (
+    ("jaxconsdec train, 1 device, 256², batch 1", "train", 1,
+     ["--resolution", "256", "--batch-size", "1"]),
+    ("torch, 1 device, 256², batch 1", "torch", 1, ["--size", "256", "--batch", "1"]),
+    ("jaxconsdec train, 8 devices, 64², batch 8", "train", 8,
+     ["--resolution", "64", "--batch-size", "8"]),
+)
+
+
+def peaks(args):
+  """Peak RSS of whole runs, each in its own process: `jaxconsdec train` of the released
+  widths for 2 steps (random init, the tiny random VAE, as the README's smoke run; its
+  evaluations included) and the same step in PyTorch on diffusers' UNet2DModel (student
+  forward and backward, teacher forward, clipping, Adam, an EMA copy)."""
+  import skimage.data
+  from PIL import Image
+  results = {}
+  with tempfile.TemporaryDirectory() as work:
+    photos = os.path.join(work, "photos")
+    os.makedirs(photos)
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+      Image.fromarray(getattr(skimage.data, name)()).save(os.path.join(photos, f"{name}.png"))
+    for name, kind, devices, extra in PEAK_RUNS:
+      if kind == "train":
+        cmd = [sys.executable, "-m", "jaxconsdec.cli", "train", photos, "--out",
+               os.path.join(work, f"run{len(results)}"), "--config", "released",
+               "--random-vae", "tiny", "--steps", "2", "--no-progress", "--no-compile-cache",
+               *extra]
+      else:
+        cmd = [sys.executable, __file__, "worker", "torch", "--steps", "1", "--memory",
+               "default", "--ema", *extra]
+      env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                 JAX_PLATFORMS="cpu")
+      start = time.perf_counter()
+      proc = subprocess.run([sys.executable, __file__, "peak-of", "--", *cmd], env=env,
+                            capture_output=True, text=True)
+      lines = proc.stdout.strip().splitlines()
+      peak = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+      results[name] = {"command": " ".join(cmd[1:]), "devices": devices,
+                       "exit_status": peak.get("exit_status", proc.returncode),
+                       "peak_rss_gib": peak.get("peak_rss_gib"),
+                       "seconds": time.perf_counter() - start,
+                       "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}
+      print(name, {k: v for k, v in results[name].items() if k != "stderr_tail"}, flush=True)
+  table = ("| run | devices | exit status | peak RSS GiB | seconds |\n|---|---|---|---|---|\n"
+           + "".join(f"| {name} | {r['devices']} | {r['exit_status']} |"
+                     f" {r['peak_rss_gib'] or 0:.2f} | {r['seconds']:.0f} |\n"
+                     for name, r in results.items()))
+  _write(args.out or os.path.join(RESULTS, "train_peaks_cpu"),
+         {"machine": _machine(), "memory_gib": _memory_gib(), "runs": results}, table)
+
+
+def peak_of(command):
+  """Runs `command` and prints its exit status and peak RSS (that of its largest process)."""
+  status = subprocess.run(command).returncode
+  kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  print(json.dumps({"exit_status": status, "peak_rss_gib": kib / 2 ** 20}))
+
+
+def _memory_gib():
+  with open("/proc/meminfo") as f:
+    return int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2 ** 20
 
 
 def throughput(args):
@@ -310,10 +425,18 @@ def main():
   sp.add_argument("--rounds", type=int, default=3)
   sp.add_argument("--steps", type=int, default=3)
   sp.add_argument("--out")
-  mem = sub.add_parser("memory")
-  mem.add_argument("--size", type=int, default=256)
-  mem.add_argument("--batches", default="1,8")
-  mem.add_argument("--out")
+  for name in ("memory", "memory-worker"):
+    mem = sub.add_parser(name)
+    mem.add_argument("--size", type=int, default=256)
+    mem.add_argument("--batches", default="1,8", help="examples per device")
+    mem.add_argument("--devices", default="1,8", help="simulated CPU device counts")
+    mem.add_argument("--variants", default=";".join(MEMORY_VARIANTS),
+                     help=f"';'-separated, of {list(MEMORY_VARIANTS)}")
+    mem.add_argument("--out")
+  pk = sub.add_parser("peaks")
+  pk.add_argument("--out")
+  po = sub.add_parser("peak-of")
+  po.add_argument("command", nargs=argparse.REMAINDER)
   tp = sub.add_parser("throughput")
   tp.add_argument("--size", type=int, default=256)
   tp.add_argument("--batch", type=int, default=8)
@@ -328,14 +451,18 @@ def main():
   w.add_argument("--batch", type=int)
   w.add_argument("--steps", type=int)
   w.add_argument("--cache")
+  w.add_argument("--ema", action="store_true", help="torch: keep an EMA copy, as the trainer")
   w.add_argument("--memory", choices=("kept", "default"), required=True,
                  help="kept: jaxconsdec train's host-memory setting (jaxconsdec/host_memory.py)")
   args = parser.parse_args()
   if args.mode == "worker":
     times, faults, loss = (jax_worker if args.name == "jaxconsdec" else torch_worker)(args)
     print(json.dumps({"times": times, "faults": faults, "loss": loss}))
+  elif args.mode == "peak-of":
+    peak_of(args.command[1:] if args.command[:1] == ["--"] else args.command)
   else:
-    {"speed": speed, "memory": memory, "throughput": throughput}[args.mode](args)
+    {"speed": speed, "memory": memory, "memory-worker": memory_worker, "peaks": peaks,
+     "throughput": throughput}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,23 @@ def sum_over_processes(value: int) -> int:
   return int(sum(gather_json(int(value))))
 
 
-def raise_together(error: Optional[BaseException],
-                   kinds: Sequence[type[BaseException]]) -> None:
-  """Raises on every process if `error` is set on any (a collective).
+# Iterations of a loop between its processes' agreements (stop requests, errors). Each is two
+# small allgathers across hosts, a round trip that would hold up every step of a fast loop,
+# so a process that fails or is asked to stop carries on to the next sync point, at most
+# this many iterations on. One process agrees with itself at every iteration, for free.
+SYNC_EVERY = 10
+
+
+def sync_point(index: int) -> bool:
+  """Whether iteration `index` (0-based) of a loop that every process runs alike ends at a
+  sync point."""
+  return jax.process_count() == 1 or (index + 1) % SYNC_EVERY == 0
+
+
+def agree(flag: bool, error: Optional[BaseException],
+          kinds: Sequence[type[BaseException]]) -> bool:
+  """Whether `flag` is set on any process, after raising on every process if `error` is set
+  on any (a collective).
 
   The process that failed re-raises its own exception; the others raise one of the same
   kind (the first of `kinds` it is an instance of, else RuntimeError), saying which process
@@ -57,15 +71,22 @@ def raise_together(error: Optional[BaseException],
   if jax.process_count() == 1:
     if error is not None:
       raise error
-    return
+    return bool(flag)
   report = None
   if error is not None:
     report = [[k.__name__ for k in type(error).__mro__], str(error)]
-  reports = gather_json(report)
+  views = gather_json([bool(flag), report])
   if error is not None:
     raise error
-  for process, report in enumerate(reports):
+  for process, (_, report) in enumerate(views):
     if report is not None:
       names, message = report
       kind = next((k for k in kinds if k.__name__ in names), RuntimeError)
       raise kind(f"process {process} stopped the job: {message}")
+  return any(flag for flag, _ in views)
+
+
+def raise_together(error: Optional[BaseException],
+                   kinds: Sequence[type[BaseException]]) -> None:
+  """Raises on every process if `error` is set on any (a collective); see `agree`."""
+  agree(False, error, kinds)

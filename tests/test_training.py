@@ -1,5 +1,6 @@
-"""The trainer: one step on 1, 2 and 8 devices and on 2 processes agrees; a run killed with
-SIGKILL and re-run ends bit for bit where an uninterrupted run ends; bad data and bad runs are
+"""The trainer: one step on 1, 2 and 8 devices and on 2 processes agrees, with the state
+replicated or sharded; a run killed with SIGKILL and re-run ends bit for bit where an
+uninterrupted run ends, and resumes on another device count; bad data and bad runs are
 answered; the exported model decodes; the latent statistics merge across processes."""
 
 import json
@@ -18,26 +19,35 @@ from PIL import Image
 import jaxconsdec as jcd
 from jaxconsdec.training import latent_stats
 from hostile import cli_command
-from simulated_devices import run_on_simulated_devices
+from simulated_devices import simulated_devices_process
 
-# One optimiser step of the tiny decoder on 8 fixed 32x32 crops, from any device count; the
-# process that leads writes params, Adam state and EMA to argv[1].
+# Two optimiser steps of the tiny decoder on 8 fixed 32x32 crops, from any device count,
+# with the state laid out as argv[2] says; the process that leads writes params, Adam state
+# and EMA to argv[1].
 ONE_STEP = textwrap.dedent("""
     import sys, jax, numpy as np, jaxconsdec as jcd
-    from jaxconsdec.training.step import Optimization, TrainStep, init_state, local_copy
+    from jaxconsdec.training.step import Optimization, TrainStep, whole_copy
     {setup}
     cfg = jcd.TINY.replace(dropout=0.1)
     params = jcd.random_params(jcd.TINY, seed=1)
     vae = jcd.random_params(jcd.TINY_VAE, seed=2, halves=("encoder",))
     pixels = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     opt = Optimization(lr=1e-4, warmup_steps=1, ema_decay=0.5)
-    step = TrainStep(cfg, jcd.TINY_VAE, opt, seed=7, deltas=(64, 16))
-    state = step.replicate(init_state(params, opt))
+    step = TrainStep(cfg, jcd.TINY_VAE, opt, seed=7, deltas=(64, 16), state_layout=sys.argv[2])
+    state = step.first_state(params)
+    kernel = state["opt_state"][1][0].mu["conv_in"]["kernel"]   # Adam's first moment
+    shard = kernel.addressable_shards[0].data.size
+    if sys.argv[2] == "sharded" and jax.device_count() > 1:  # each device holds its part only
+      assert shard * jax.device_count() == kernel.size, (shard, kernel.shape)
+    else:
+      assert shard == kernel.size
     per = 8 // jax.process_count()
     mine = pixels[jax.process_index() * per:(jax.process_index() + 1) * per]
+    old = state
     state, metrics = step(state, step.replicate(vae), mine, 40, 16)
+    assert kernel.is_deleted() and old["ema"]["conv_in"]["kernel"].is_deleted()  # donated
     state, metrics = step(state, step.replicate(vae), mine, 48, 64)
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(local_copy(state)))[0]
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(whole_copy(state)))[0]
     if jax.process_index() == 0:
       np.savez(sys.argv[1], **{{jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}})
     print("OK", jax.device_count(), float(metrics["loss"].addressable_data(0)))
@@ -70,34 +80,41 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def one_step_results(tmp_path_factory):
+  """Every run at once (each mostly compiles, on one core): replicated on 1 device (the
+  reference), 8 devices and 2 processes; sharded on 2 and 8 devices and 2 processes."""
   folder = tmp_path_factory.mktemp("steps")
+  runs = {}  # (layout, devices) -> ([processes], path)
+  for layout, devices in (("replicated", 1), ("replicated", 8), ("sharded", 2), ("sharded", 8)):
+    path = str(folder / f"{layout}{devices}.npz")
+    runs[layout, devices] = ([simulated_devices_process(ONE_STEP.format(setup=""), devices,
+                                                        path, layout)], path)
+  for layout in ("replicated", "sharded"):
+    # Two processes with one CPU device each, through jax.distributed (gloo collectives).
+    port = _free_port()
+    setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+             f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[3]))")
+    path = str(folder / f"{layout}-p2.npz")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    runs[layout, "2 processes"] = ([subprocess.Popen(
+        [sys.executable, "-c", ONE_STEP.format(setup=setup), path, layout, str(i)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)], path)
   results = {}
-  for devices in (1, 2, 8):
-    path = str(folder / f"d{devices}.npz")
-    run_on_simulated_devices(ONE_STEP.format(setup=""), devices, path)
-    results[devices] = _load(path)
-  # Two processes with one CPU device each, through jax.distributed (gloo collectives).
-  port = _free_port()
-  setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
-           f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[2]))")
-  path = str(folder / "p2.npz")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  procs = [subprocess.Popen([sys.executable, "-c", ONE_STEP.format(setup=setup), path, str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  for p in procs:
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0 and "OK" in out, err[-3000:]
-  results["2 processes"] = _load(path)
+  for name, (procs, path) in runs.items():
+    for p in procs:
+      out, err = p.communicate(timeout=900)
+      assert p.returncode == 0 and "OK" in out, (name, err[-3000:])
+    results[name] = _load(path)
   return results
 
 
-def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results):
-  base = one_step_results[1]
+@pytest.mark.parametrize("layout,devices", [("replicated", 8),
+                                            ("replicated", "2 processes"), ("sharded", 2),
+                                            ("sharded", 8), ("sharded", "2 processes")])
+def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results, layout, devices):
+  base = one_step_results["replicated", 1]
   assert any("ema" in k for k in base) and any("opt_state" in k for k in base)
   assert int(base["['step']"]) == 2
-  for other in (2, 8, "2 processes"):
-    _assert_close(one_step_results[other], base)
+  _assert_close(one_step_results[layout, devices], base)
   # ...and the step did something: params moved from their initial values.
   init = jcd.random_params(jcd.TINY, seed=1)
   assert not np.allclose(base["['params']['conv_in']['kernel']"], init["conv_in"]["kernel"])
@@ -447,3 +464,55 @@ def test_flags_full_disks_and_killed_exports_are_answered(uninterrupted, photos,
   proc = _train(photos, str(run))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert not [n for n in os.listdir(run) if ".tmp-" in n]
+
+
+def test_a_run_killed_on_2_devices_with_its_state_sharded_resumes_on_1(uninterrupted, photos,
+                                                                        tmp_path):
+  """The checkpoint of a sharded state restores onto another device count and layout: the
+  run ends where the uninterrupted one-device run ends (to float32 summation order)."""
+  run = str(tmp_path / "run")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(_command(photos, run, "--state-layout", "sharded"), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(os.path.join(run, "checkpoints", "2"), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  again = _train(photos, run)  # one device, the state replicated (auto, for the tiny widths)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming" in again.stderr
+  got, want = _exported(run), _exported(uninterrupted)
+  diff = np.sqrt(sum(np.sum((got[k].astype(np.float64) - want[k]) ** 2) for k in want))
+  norm = np.sqrt(sum(np.sum(want[k].astype(np.float64) ** 2) for k in want))
+  assert diff <= 1e-5 * norm, diff / norm
+
+
+def test_when_one_of_two_processes_fails_both_stop_together_with_its_message(photos, tmp_path):
+  """Process 0 alone writes the metrics; its run file replaced by a FIFO mid-run makes it
+  fail alone. Both processes stop at the next sync point, with process 0's reason, and
+  neither waits out a timeout in a collective the other never joins."""
+  run = str(tmp_path / "run")
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  procs = [subprocess.Popen(_command(photos, run, "--steps", "200", "--save-every", "100",
+                                     "--eval-every", "100", "--coordinator",
+                                     f"127.0.0.1:{port}", "--num-processes", "2",
+                                     "--process-id", str(i)),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  metrics = os.path.join(run, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and open(metrics).read().count('"train"') >= 3):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.05)
+  _fifo_instead(metrics)
+  tampered = time.time()
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert time.time() - tampered < 60  # a lost peer would be noticed only after minutes
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+  assert "tampered" in outs[0][1].strip().splitlines()[-1]
+  last = outs[1][1].strip().splitlines()[-1]
+  assert "process 0 stopped the job" in last and "tampered" in last, last
+  assert not os.path.exists(os.path.join(run, "model"))

@@ -1,7 +1,11 @@
 """The trainer's image cache is bounded in bytes: many large images never pile up in host
-memory, and crops stay the same whether their image was cached or read again."""
+memory, and crops stay the same whether their image was cached or read again. The prefetcher
+makes a step's rows on a thread, ahead of time, and gives back exactly what was asked."""
+
+import threading
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from jaxconsdec.training import data
@@ -39,3 +43,39 @@ def test_an_image_larger_than_the_cache_is_still_read(tmp_path):
   crops = _crops(tmp_path, cache_bytes=1, count=2)
   assert crops.rows(0, 4).shape == (4, 16, 16, 3)
   assert crops.cached_bytes == IMAGE_BYTES  # only the newest is kept
+
+
+def test_the_prefetcher_gives_each_step_its_rows_made_on_its_thread(tmp_path, monkeypatch):
+  crops = _crops(tmp_path, cache_bytes=1 << 30)
+  want = {step: crops.rows(3 * step + 1, 3) for step in range(2, 9)}
+  threads = set()
+  real = crops.rows
+  monkeypatch.setattr(crops, "rows", lambda first, count: threads.add(
+      threading.current_thread().name) or real(first, count))
+  prefetch = data.Prefetcher(crops, lambda step: 3 * step + 1, 3, start=2, end=9, depth=2)
+  try:
+    for step in range(2, 9):
+      np.testing.assert_array_equal(prefetch.rows(step), want[step])
+    with pytest.raises(ValueError, match="step 9"):  # past the end: nothing was made
+      prefetch.rows(9)
+  finally:
+    prefetch.close()
+  assert threads and all(name.startswith("jaxconsdec-crops") for name in threads)
+
+
+def test_the_prefetcher_raises_what_making_a_step_raised_at_that_step(tmp_path, monkeypatch):
+  crops = _crops(tmp_path, cache_bytes=1 << 30)
+  real = crops.rows
+  def rows(first, count):
+    if first == 2:
+      raise OSError(28, "No space left on device")
+    return real(first, count)
+  monkeypatch.setattr(crops, "rows", rows)
+  prefetch = data.Prefetcher(crops, lambda step: step, 1, start=0, end=5)
+  try:
+    prefetch.rows(0), prefetch.rows(1)  # made after step 2 failed: unaffected
+    with pytest.raises(OSError, match="No space"):
+      prefetch.rows(2)
+    assert prefetch.rows(3).shape == (1, 16, 16, 3)
+  finally:
+    prefetch.close()

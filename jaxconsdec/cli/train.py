@@ -81,6 +81,10 @@ def add_arguments(p) -> None:
                    help="bfloat16 compute, float32 master weights and loss")
   opt.add_argument("--remat", action="store_true",
                    help="recompute ResBlock activations in the backward pass (less memory)")
+  opt.add_argument("--state-layout", choices=("auto", "sharded", "replicated"), default="auto",
+                   help="params, Adam state and EMA split over the devices (ZeRO/FSDP), or a"
+                   " copy on each; auto: split where a copy exceeds 1 GiB (the released"
+                   " widths). A run resumes under either, on any device count")
   opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
   out = p.add_argument_group("checkpoints and metrics")
   out.add_argument("--save-every", type=int, default=500,
@@ -197,7 +201,7 @@ def run(args) -> int:
                         vae_params=vae_params, vae_config=vae_config, from_scratch=scratch,
                         identities={"init": init, "vae": vae_identity},
                         eval_inputs=args.eval_images or (), progress=not args.no_progress,
-                        stop=stop, strict=args.strict)
+                        stop=stop, strict=args.strict, state_layout=args.state_layout)
   except loop.TrainingDivergedError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_DIVERGED

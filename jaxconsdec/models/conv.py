@@ -21,13 +21,21 @@ dX where the activations are no larger than the kernel (B*Ho*Wo <= min(in, out);
 that XLA's input gradient is at full speed), dK where P is at most PATCHES_MAX_BYTES (at
 256x256 only the 32x32 level qualifies) and wherever dX is a product, both only for kernels
 of at least KERNEL_MIN_SIZE values. A convolution with neither is XLA's own, outside any
-custom_vjp; so is every convolution on platforms other than the CPU (cuDNN and the TPU
-compiler take these layouts natively). The forward is XLA's convolution everywhere, so
-decoding is unchanged to the bit.
+custom_vjp. The forward is XLA's convolution everywhere, so decoding is unchanged to the bit.
+
+Who chooses. The products are only for programs that run on a CPU (cuDNN and the TPU compiler
+take these layouts natively), and a custom_vjp has no forward-mode derivative, so they are
+off unless the program being traced asks for them: `with cpu_product_gradients():` around
+the traced code, as the trainer's step does when its devices are CPUs. Anywhere else (a
+user's own `jax.grad` or `jax.jvp`, any platform) every convolution is XLA's own. The size
+rules see the shapes the convolution is traced with, so under `vmap` they would see one
+example of a batch B times larger: the trainer asks for the products only outside one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Sequence
 
@@ -125,13 +133,27 @@ PATCHES_MAX_BYTES = 128 * 2 ** 20
 KERNEL_MIN_SIZE = 2 ** 18  # values: a MiB in float32
 
 
+_PRODUCTS = contextvars.ContextVar("jaxconsdec_cpu_product_gradients", default=False)
+
+
+@contextlib.contextmanager
+def cpu_product_gradients(enabled: bool = True):
+  """Convolutions traced inside take the matrix-product backward where the size rules say:
+  for programs that run on a CPU, outside any `vmap` (see the module docstring)."""
+  token = _PRODUCTS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _PRODUCTS.reset(token)
+
+
 def uses_products(kernel_shape, out_shape) -> tuple[bool, bool]:
-  """Whether the (input, kernel) gradients of a convolution of these shapes are the matrix
-  products rather than XLA's own: on CPU, for kernels of at least KERNEL_MIN_SIZE values;
-  the input gradient where the activations are no larger than the kernel, the kernel
-  gradient where its patch matrix is small."""
+  """Whether the (input, kernel) gradients of a convolution of these shapes, traced here, are
+  the matrix products rather than XLA's own: inside `cpu_product_gradients`, for kernels of
+  at least KERNEL_MIN_SIZE values; the input gradient where the activations are no larger
+  than the kernel, the kernel gradient where its patch matrix is small."""
   kh, kw, cin, cout = kernel_shape
-  if jax.default_backend() != "cpu" or kh * kw * cin * cout < KERNEL_MIN_SIZE:
+  if not _PRODUCTS.get() or kh * kw * cin * cout < KERNEL_MIN_SIZE:
     return False, False
   pixels = out_shape[0] * out_shape[1] * out_shape[2]
   input_products = pixels <= min(cin, cout)

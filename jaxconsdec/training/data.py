@@ -20,6 +20,7 @@ every read, so an uninterrupted run and a resumed one still see the same crops.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import errno
 import functools
 import sys
@@ -157,6 +158,39 @@ class TrainingCrops:
 
   def rows(self, first: int, count: int) -> np.ndarray:
     return np.stack([self.crop(first + i) for i in range(count)])
+
+
+class Prefetcher:
+  """The rows of steps `start` .. `end` - 1 (`crops.rows(first(step), count)`), made
+  `depth` steps ahead on a background thread, so that decoding and cropping run while the
+  devices compute (PIL and numpy release the interpreter lock while they work). One thread,
+  so images are read, and failures listed, in the same order as without it.
+
+  `rows(step)` returns that step's rows, or raises what making them raised. `close()` waits
+  for the thread.
+  """
+
+  def __init__(self, crops: TrainingCrops, first, count: int, start: int, end: int,
+               depth: int = 2):
+    self._make = lambda step: crops.rows(first(step), count)
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxconsdec-crops")
+    self._ahead: collections.deque = collections.deque()
+    self._next, self._end, self._depth = start, end, max(1, depth)
+
+  def rows(self, step: int) -> np.ndarray:
+    while len(self._ahead) < self._depth + 1 and self._next < self._end:
+      self._ahead.append((self._next, self._pool.submit(self._make, self._next)))
+      self._next += 1
+    made, future = self._ahead.popleft() if self._ahead else (None, None)
+    if made != step:
+      raise ValueError(f"the prefetcher made step {made}, and step {step} was asked for: steps"
+                       " are taken in order, one at a time")
+    return future.result()
+
+  def close(self) -> None:
+    for _, future in self._ahead:
+      future.cancel()
+    self._pool.shutdown(wait=True)
 
 
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:

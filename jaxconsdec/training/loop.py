@@ -52,7 +52,7 @@ from jaxconsdec.training.pairs import (FINE_TUNE_CURRICULUM, ICT_LAW, check_anch
 from jaxconsdec.training.run_files import (CHECKPOINTS, FAILURES, LOCK, METRICS, MODEL, RUN,
                                            SAMPLES, TENSORBOARD)
 from jaxconsdec.training.loss import PAIR_WEIGHTINGS
-from jaxconsdec.training.step import OBJECTIVES, Optimization, TrainStep, init_state, local_copy
+from jaxconsdec.training.step import OBJECTIVES, Optimization, TrainStep, whole_copy
 
 EVAL_SCHEDULES = {"1 step": (1.0,), "2 steps": (1.0, 0.5)}
 
@@ -64,6 +64,10 @@ class TrainingDivergedError(RuntimeError):
 
 class TrainingSetupError(ValueError):
   """The run cannot start as asked (no usable images, mismatched VAE, another run's folder)."""
+
+
+# What a process's own failure mid-run is raised as on the others (multihost.agree).
+AGREED_ERRORS = (TrainingSetupError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +129,7 @@ class RunReport:
 def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           config: UNetConfig, vae_params, vae_config: VAEConfig, from_scratch: bool, identities: dict, eval_inputs: Sequence[str] = (),
           progress: bool = True, stop: Optional[threading.Event] = None, strict: bool = False,
-          log=sys.stderr) -> RunReport:
+          state_layout: str = "auto", log=sys.stderr) -> RunReport:
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 
   params/config: the decoder to start from; from scratch (`from_scratch`), params are None
@@ -135,6 +139,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   identities: what names the init weights and the VAE by content (recorded in run.json).
   stop: set it to stop at the next step boundary (saving a checkpoint first).
   strict: refuse to start if any image is unusable (else they are left out and listed).
+  state_layout: `step.STATE_LAYOUTS`; how the state lies on the devices, not what the run
+  computes (a run resumes under another layout or device count).
   """
   lead = jax.process_index() == 0
   run_dir = os.path.abspath(run_dir)
@@ -183,7 +189,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                         deltas=settings.curriculum, remat=settings.remat,
                         objective=settings.objective, noise_law=settings.noise_law,
                         pair_weighting=settings.pair_weighting,
-                        anchor_share=settings.anchor_share)
+                        anchor_share=settings.anchor_share, state_layout=state_layout)
     step_fn.check_batch_size(settings.batch_size)
     vae_encoder = step_fn.replicate(encoder)
     manager = ocp.CheckpointManager(
@@ -191,13 +197,14 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
         options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep,
                                              save_interval_steps=settings.save_every,
                                              enable_async_checkpointing=True))
-    state = step_fn.replicate(init_state(params, settings.optimization))
     start = manager.latest_step() or 0
-    if start:
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                             sharding=step_fn.replicated), state)
+    if not start:
+      state = step_fn.first_state(params)
+    params = None  # the state holds them now; this copy would stay alive for the whole run
+    if start:  # restored into this run's layout, whatever layout or device count saved it
       restored = manager.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(step_fn.state_abstract()),
+          data=ocp.args.JsonRestore()))
       state = restored["state"]
       if restored["data"]["next_example"] != start * settings.batch_size:
         raise TrainingSetupError(f"{run_dir}: checkpoint {start} is not at this run's data"
@@ -220,11 +227,15 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     step = start
     delta = None
     diverged = None  # the first step whose loss or gradient norm was not finite
+    # This process's own failure (a full disk, a tampered run file; process 0 alone writes
+    # them): it trains on to the next sync point, where every process raises together, so
+    # none is left waiting in a collective for one that has gone (multihost.agree).
+    error = None
+    finished = False  # the loop ended on every process alike
+    prefetch = data.Prefetcher(crops, lambda s: s * settings.batch_size + mine, per_process,
+                               start, settings.steps)
     try:
       while step < settings.steps:
-        if stop is not None and multihost.any_process(stop.is_set()):
-          report.stopped = True
-          break
         previous, delta = delta, curriculum_delta(step, settings.steps, settings.curriculum)
         if (lead and previous is not None and delta != previous
             and settings.objective == "consistency"):
@@ -232,33 +243,56 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                     f" {delta}; pairs of nearer levels follow, and the loss jumps there by"
                     " design (it is weighted by 1 / the levels' gap)", file=log)
         first = step * settings.batch_size
-        state, step_metrics = step_fn(state, vae_encoder, crops.rows(first + mine, per_process),
-                                      first, delta)
+        try:
+          rows = prefetch.rows(step)
+        except Exception as e:  # noqa: BLE001 (raised at the sync point below)
+          r = settings.resolution
+          error, rows = error or e, np.zeros((per_process, r, r, 3), np.uint8)
+        state, step_metrics = step_fn(state, vae_encoder, rows, first, delta)
         step += 1
         pending.append(step_metrics)
         examples += settings.batch_size
         log_now = step % settings.log_every == 0 or step == settings.steps
-        if log_now or manager.should_save(step):  # never a checkpoint of a non-finite state
-          values = jax.device_get(pending)
+        save_now = manager.should_save(step)
+        if log_now or save_now:  # never a checkpoint of a non-finite state
+          values = jax.device_get(pending)  # the same values on every process
           diverged = _first_non_finite(values, step)
-        if log_now or diverged is not None:
-          now = time.perf_counter()
-          line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-          line.update(delta=delta, examples_per_s=examples / (now - tick))
-          metrics.write(step, line, "train")
-          if diverged is not None:
+        try:
+          if log_now or diverged is not None:
+            now = time.perf_counter()
+            line = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+            line.update(delta=delta, examples_per_s=examples / (now - tick))
+            metrics.write(step, line, "train")
+            bar.set_postfix(loss=f"{line['loss']:.4g}", grid=delta,
+                            steps_s=f"{len(values) / (now - tick):.2f}")
+            pending, tick, examples = [], now, 0
+          bar.update(1)
+          if diverged is None and (step % settings.eval_every == 0 or step == settings.steps):
+            report.last_eval = metrics.write(step, evaluator(state["ema"], step), "eval")
+        except Exception as e:  # noqa: BLE001 (raised at the sync point below)
+          error = error or e
+        if diverged is not None:
+          break
+        # Agreed before each checkpoint too: a checkpoint at step k means everything logged
+        # for step k is on disk.
+        if save_now or step == settings.steps or multihost.sync_point(step - 1):
+          if multihost.agree(stop is not None and stop.is_set(), error, AGREED_ERRORS):
+            report.stopped = True
             break
-          bar.set_postfix(loss=f"{line['loss']:.4g}", grid=delta,
-                          steps_s=f"{len(values) / (now - tick):.2f}")
-          pending, tick, examples = [], now, 0
-        bar.update(1)
-        if step % settings.eval_every == 0 or step == settings.steps:
-          report.last_eval = metrics.write(step, evaluator(state["ema"], step), "eval")
-        # Last: a checkpoint at step k means everything logged for step k is on disk.
         manager.save(step, args=_save_args(state, step, settings))
+      multihost.agree(False, error, AGREED_ERRORS)  # after a divergence's early stop
+      finished = True
     finally:
       bar.close()
-      if diverged is None and step > (manager.latest_step() or 0):
+      prefetch.close()
+      # The last state is saved if the loop ended as planned (or, with one process, was
+      # interrupted by an exception from outside it): not after a divergence; not after a
+      # failure the processes agreed on, since the steps since it may have run on stand-in
+      # rows; not when one process failed alone, since a save is a collective the others
+      # would not join; not when the state is gone (donated to a step that failed).
+      alone = jax.process_count() == 1 and error is None
+      if (diverged is None and (finished or alone) and step > (manager.latest_step() or 0)
+          and not any(x.is_deleted() for x in jax.tree.leaves(state))):
         diverged = _first_non_finite(jax.device_get(pending), step)
         if diverged is None:
           manager.save(step, args=_save_args(state, step, settings), force=True)
@@ -461,7 +495,7 @@ class _Evaluator:
     self.latents = encode(encoder, self.pixels, config=vae_config, layout="NHWC")
 
   def __call__(self, ema, step: int) -> dict:
-    params = local_copy(ema)
+    params = whole_copy(ema)
     outputs = {name: np.asarray(to_uint8(decode(params, self.latents, self.seed,
                                                 config=self.config, schedule=s,
                                                 layout="NHWC")))
@@ -530,7 +564,7 @@ class _MetricsLog:
 
 
 def _export(model_dir, ema, config, encoder, vae_config, identity, step, lead):
-  params = jax.device_get(local_copy(ema))
+  params = jax.device_get(whole_copy(ema))
   vae = jax.device_get(encoder)
   if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)):
     raise TrainingDivergedError(f"the EMA of the weights holds NaN or inf values at step"

@@ -1,7 +1,10 @@
 """One training step, jitted over a mesh of every device of every host (data parallel).
 
-The state is a dict {"step", "params", "opt_state", "ema"}, replicated on every device; the
-global batch of uint8 crops is split over the mesh's "data" axis. Everything random in the
+The state is a dict {"step", "params", "opt_state", "ema"}. Sharded (ZeRO/FSDP), each leaf
+is split over the mesh's "data" axis along its largest axis that divides by the device
+count, and XLA gathers each layer's params where they are used and reduce-scatters their
+gradients; replicated, every device holds all of it. The step donates its state, so the new
+one takes the old one's place. The global batch of uint8 crops is split over the same axis. Everything random in the
 step comes from `fold_in(key(seed), g)` for each example's global index g (split into pair,
 noise and dropout keys), so a run computes the same thing on 1 device or 64; only the order
 of the gradient's cross-device sum differs (float32 rounding).
@@ -21,8 +24,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxconsdec.config import UNetConfig, VAEConfig
+from jaxconsdec.weights import abstract_params
 from jaxconsdec.xla_options import compiler_options
 from jaxconsdec.autoencoder import nested_encode
+from jaxconsdec.models.conv import cpu_product_gradients
 from jaxconsdec.training.loss import consistency_loss, denoising_loss
 from jaxconsdec.training.pairs import (ICT_LAW, anchor, check_law, draw_from_table, draw_levels,
                                       pair_count, pair_table)
@@ -31,6 +36,11 @@ DATA_AXIS = "data"
 # "consistency": consistency training (the decoder's objective). "denoising": stage 1 of a
 # new decoder, denoising pre-training towards the clean image (docs/training.md, section 3).
 OBJECTIVES = ("consistency", "denoising")
+# "sharded": the state split over the devices; "replicated": a copy on each; "auto": sharded
+# where a copy would exceed AUTO_SHARD_BYTES (the released widths' 10 GB), replicated below
+# that (small models, where gathering the params on every step costs more than it saves).
+STATE_LAYOUTS = ("auto", "sharded", "replicated")
+AUTO_SHARD_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,20 @@ def init_state(params, optimization: Optimization) -> dict:
           "ema": jax.tree.map(jnp.copy, params)}
 
 
+def fsdp_spec(shape, devices: int) -> PartitionSpec:
+  """The leaf split over `devices` along its largest axis that divides by their count;
+  replicated if none does (scalars, odd sizes) or on one device."""
+  divisible = [a for a, n in enumerate(shape) if n % devices == 0 and devices > 1]
+  if not divisible:
+    return PartitionSpec()
+  axis = max(divisible, key=lambda a: shape[a])
+  return PartitionSpec(*(DATA_AXIS if a == axis else None for a in range(len(shape))))
+
+
+def state_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def example_streams(seed: int, first: jax.Array, count: int):
   """Per-example (pair, noise, dropout) keys of examples first .. first + count - 1."""
   base = jax.random.key(seed)
@@ -95,7 +119,18 @@ def example_streams(seed: int, first: jax.Array, count: int):
 
 def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfig,
           vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
-          objective: str, noise_law, pair_weighting: str, anchor_share: float):
+          objective: str, noise_law, pair_weighting: str, anchor_share: float,
+          conv_products: bool):
+  with cpu_product_gradients(conv_products):
+    return _step_body(state, vae_params, pixels, first, levels, logits, config=config,
+                      vae_config=vae_config, optimization=optimization, seed=seed,
+                      remat=remat, objective=objective, noise_law=noise_law,
+                      pair_weighting=pair_weighting, anchor_share=anchor_share)
+
+
+def _step_body(state, vae_params, pixels, first, levels, logits, *, config: UNetConfig,
+               vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
+               objective: str, noise_law, pair_weighting: str, anchor_share: float):
   images = pixels.astype(jnp.float32) / 127.5 - 1.0
   b = images.shape[0]
   pair_keys, noise_keys, dropout_keys = example_streams(seed, first, b)
@@ -140,30 +175,47 @@ class TrainStep:
   process's rows of the global batch (uint8, (B / processes, R, R, 3)); `first` is the global
   index of the batch's first example; `delta` the grid spacing (one of `deltas`: the pair
   tables are padded to the largest grid, so one compiled program serves the curriculum).
-  Returns (state, metrics), the state replicated.
+  Returns (state, metrics); the state given is donated (its arrays are deleted).
+
+  `state_layout`: one of STATE_LAYOUTS. Make the first state with `first_state` and read one
+  back with `state_abstract` (a checkpoint restores onto any device count).
   """
 
   def __init__(self, config: UNetConfig, vae_config: VAEConfig, optimization: Optimization,
                *, seed: int, deltas=(16,), remat: bool = False, objective: str = "consistency",
                noise_law=ICT_LAW, pair_weighting: str = "ict", anchor_share: float = 0.0,
-               devices=None):
+               state_layout: str = "auto", devices=None):
     if objective not in OBJECTIVES:
       raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if state_layout not in STATE_LAYOUTS:
+      raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
     self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-    self.config, self.vae_config = config, vae_config
+    self.config, self.vae_config, self.optimization = config, vae_config, optimization
+    abstract = jax.eval_shape(functools.partial(init_state, optimization=optimization),
+                              abstract_params(config))
+    self.sharded = (state_layout == "sharded" or state_layout == "auto"
+                    and state_bytes(abstract) > AUTO_SHARD_BYTES) and self.num_devices > 1
+    n = self.num_devices if self.sharded else 1
+    self.state_shardings = jax.tree.map(
+        lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, n)), abstract)
+    self._abstract = abstract
     pairs = max(pair_count(d) for d in deltas)
     noise_law = check_law(noise_law)
     self._tables = {d: pair_table(d, pairs, noise_law) for d in deltas}
+    platform = self.mesh.devices.flat[0].platform
     self.program = jax.jit(
         functools.partial(_step, config=config, vae_config=vae_config,
                           optimization=optimization, seed=seed, remat=remat,
                           objective=objective, noise_law=noise_law,
-                          pair_weighting=pair_weighting, anchor_share=float(anchor_share)),
-        in_shardings=(self.replicated, self.replicated, self.batch_sharding, None, None, None),
-        out_shardings=(self.replicated, self.replicated),
-        compiler_options=compiler_options(self.mesh.devices.flat[0].platform))
+                          pair_weighting=pair_weighting, anchor_share=float(anchor_share),
+                          # models.conv's CPU backward, outside the per-example dropout vmap
+                          conv_products=platform == "cpu" and not config.dropout),
+        in_shardings=(self.state_shardings, self.replicated, self.batch_sharding, None, None,
+                      None),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,),
+        compiler_options=compiler_options(platform))
 
   @property
   def num_devices(self) -> int:
@@ -181,6 +233,21 @@ class TrainStep:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         self.replicated, np.asarray(x)), tree)
 
+  def first_state(self, params) -> dict:
+    """The first state from `params` (host or device arrays, the same on every process),
+    laid out as the step takes it. Each process puts only its devices' parts in place, so no
+    device ever holds more of the state than its share."""
+    shardings = self.state_shardings["params"]
+    placed = place(params, shardings)
+    return jax.jit(functools.partial(init_state, optimization=self.optimization),
+                   in_shardings=(shardings,), out_shardings=self.state_shardings,
+                   donate_argnums=(0,))(placed)
+
+  def state_abstract(self) -> dict:
+    """The state's shapes, dtypes and shardings (what a checkpoint restores into)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self._abstract, self.state_shardings)
+
   def tables(self, delta: int) -> tuple[np.ndarray, np.ndarray]:
     """The program's pair-law arguments for grid spacing `delta`."""
     return self._tables[delta]
@@ -190,7 +257,24 @@ class TrainStep:
     return self.program(state, vae_params, pixels, jnp.int32(first), *self.tables(delta))
 
 
-def local_copy(tree):
-  """This process's copy of a replicated tree, as single-device arrays (for evaluation and
-  export, which run on one device)."""
-  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+def place(tree, shardings):
+  """A host-local tree (equal on every process) put onto the devices of `shardings`, each
+  device receiving only its part."""
+  def put(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def whole_copy(tree):
+  """Each leaf whole, on this process (for evaluation and export, which run on one device):
+  a replicated leaf's local copy; a sharded one assembled from its shards, which with
+  several processes is a collective every process must call in the same order."""
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_replicated:
+      return x.addressable_data(0) if isinstance(x, jax.Array) else x
+    if x.is_fully_addressable:
+      return jax.device_put(x, jax.local_devices()[0])
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(one, tree)
