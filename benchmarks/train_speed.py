@@ -28,7 +28,8 @@ widths for 2 steps at 256², batch 1 on one device and at 64², batch 8 on 8 sim
 devices, and the same step in PyTorch (with an EMA copy, as the trainer keeps).
 
 Throughput (the GPU check): the whole trainer step (encoder, pair draws, loss, Adam, EMA)
-of the released widths on the default device: images/s, and MFU = FLOPs by XLA's cost
+of the released widths on every device, the state sharded and donated: images/s, the
+device's peak memory, and MFU = FLOPs by XLA's cost
 analysis (docs/training.md's estimate, ~4 UNet forwards = 34 TFLOP per 256x256 example, beside
 it) over the time, over the peak of a large matmul measured on the same device.
 
@@ -235,6 +236,7 @@ def memory(args):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   torch_peak = _torch_peak_gib()
+  fits = _fits(rows)
   table = ("| devices | size | batch | variant | state GiB | temporaries GiB |"
            " total per device GiB |\n|---|---|---|---|---|---|---|\n" + "".join(
                f"| {r['devices']} | {r['size']}² | {r['batch']} | {r['variant']} |"
@@ -243,8 +245,41 @@ def memory(args):
   if torch_peak:
     table += (f"\nPyTorch, the same step at 256², batch 1, one process (peak RSS, `peaks`):"
               f" {torch_peak:.2f} GiB.\n")
+  table += ("\nComputed from the rows above (not measured on such devices): the fixed part"
+            " (state, gradients, the step's own buffers) and the memory per example, and"
+            " the examples per device that fit in each device's memory.\n\n"
+            "| devices | variant | fixed GiB | per example GiB |"
+            + "".join(f" {c} GB |" for c in DEVICE_GB) + "\n|---|---|---|---|"
+            + "---|" * len(DEVICE_GB) + "\n" + "".join(
+                f"| {f['devices']} | {f['variant']} | {f['fixed_gib']:.2f} |"
+                f" {f['per_example_gib']:.2f} |"
+                + "".join(f" {n} |" for n in f["examples_per_device"].values()) + "\n"
+                for f in fits))
   _write(args.out or os.path.join(RESULTS, "train_memory_cpu"),
-         {"machine": _machine(), "rows": rows, "torch_peak_rss_gib": torch_peak}, table)
+         {"machine": _machine(), "rows": rows, "fits": fits, "torch_peak_rss_gib": torch_peak},
+         table)
+
+
+DEVICE_GB = (16, 24, 40, 80)  # device memories the README's table is computed for
+
+
+def _fits(rows):
+  """Per (devices, variant) measured at two batches: memory = fixed + batch x per example
+  (per device), and the examples per device each of DEVICE_GB holds (decimal GB)."""
+  out = []
+  for (devices, variant) in dict.fromkeys((r["devices"], r["variant"]) for r in rows):
+    pts = sorted((r["batch"], r["total_gib"]) for r in rows
+                 if r["devices"] == devices and r["variant"] == variant)
+    if len(pts) < 2:
+      continue
+    (b0, m0), (b1, m1) = pts[0], pts[-1]
+    per = (m1 - m0) / (b1 - b0)
+    fixed = m0 - b0 * per
+    out.append({"devices": devices, "variant": variant, "fixed_gib": fixed,
+                "per_example_gib": per,
+                "examples_per_device": {str(c): max(0, int((c * 1e9 / 2 ** 30 - fixed) // per))
+                                        for c in DEVICE_GB}})
+  return out
 
 
 def _torch_peak_gib():
@@ -314,8 +349,9 @@ def peaks(args):
   with tempfile.TemporaryDirectory() as work:
     photos = os.path.join(work, "photos")
     os.makedirs(photos)
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-      Image.fromarray(getattr(skimage.data, name)()).save(os.path.join(photos, f"{name}.png"))
+    # One picture: the run's held-out evaluation (at step 0 and at the end) decodes its
+    # first images, and at 256² on a CPU each takes minutes; the step is the same.
+    Image.fromarray(skimage.data.astronaut()).save(os.path.join(photos, "astronaut.png"))
     for name, kind, devices, extra in PEAK_RUNS:
       if kind == "train":
         cmd = [sys.executable, "-m", "jaxconsdec.cli", "train", photos, "--out",
@@ -361,14 +397,15 @@ def _memory_gib():
 def throughput(args):
   import jax
   import jaxconsdec as jcd
-  from jaxconsdec.training.step import Optimization, TrainStep, init_state
+  from jaxconsdec.training.step import Optimization, TrainStep
   sys.path.insert(0, HERE)
   from timing import best_seconds, matmul_peak, xla_flops
   cfg = (jcd.TINY if args.tiny else jcd.CONSISTENCY_DECODER).replace(dtype=args.dtype)
   vae_cfg = jcd.TINY_VAE if args.tiny else jcd.SD_VAE
   opt = Optimization()
-  step = TrainStep(cfg, vae_cfg, opt, seed=0, remat=args.remat, devices=jax.devices()[:1])
-  state = step.replicate(init_state(jcd.random_params(cfg, 0), opt))
+  # The trainer's step as `jaxconsdec train` runs it: every device, the state sharded.
+  step = TrainStep(cfg, vae_cfg, opt, seed=0, remat=args.remat, state_layout="sharded")
+  state = step.first_state(jcd.random_params(cfg, 0))
   vae = step.replicate(jcd.random_params(vae_cfg, 0, halves=("encoder",)))
   pixels = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3),
                                              dtype=np.uint8)
@@ -384,6 +421,8 @@ def throughput(args):
     holder["state"], metrics = step(holder["state"], vae, pixels, 0, 16)
     jax.block_until_ready(metrics["loss"])
   seconds = best_seconds(one, args.repeats)
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  device_peak = stats.get("peak_bytes_in_use")
   peak = matmul_peak(args.dtype)
   spec = TFLOP_PER_EXAMPLE_256 * 1e12 * (args.size / 256) ** 2 * args.batch
   result = {"machine": _machine(), "device": jax.devices()[0].device_kind,
@@ -392,12 +431,17 @@ def throughput(args):
             "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
             "compile_s": compile_s, "xla_tflop": (flops or 0) / 1e12,
             "training_md_tflop": spec / 1e12, "matmul_peak_tflops": peak / 1e12,
-            "mfu": (flops or spec) / seconds / peak}
+            "mfu": (flops or spec) / seconds / peak, "devices": step.num_devices,
+            "state_sharded": step.sharded,
+            "device_peak_gib": device_peak / 2 ** 30 if device_peak else None}
+  peak_text = f"{result['device_peak_gib']:.1f}" if device_peak else "n/a"
   table = ("| device | size | batch | dtype | remat | s/step | images/s | XLA TFLOP |"
-           " TRAINING.md TFLOP | MFU |\n|---|---|---|---|---|---|---|---|---|---|\n"
+           " TRAINING.md TFLOP | MFU | device peak GiB |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|\n"
            f"| {result['device']} | {args.size}² | {args.batch} | {args.dtype} |"
            f" {'yes' if args.remat else 'no'} | {seconds:.3f} | {args.batch / seconds:.2f} |"
-           f" {result['xla_tflop']:.1f} | {spec / 1e12:.1f} | {100 * result['mfu']:.0f}% |\n")
+           f" {result['xla_tflop']:.1f} | {spec / 1e12:.1f} | {100 * result['mfu']:.0f}% |"
+           f" {peak_text} |\n")
   _write(args.out or os.path.join(RESULTS, f"train_throughput_{jax.default_backend()}"), result,
          table)
 

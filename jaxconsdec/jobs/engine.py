@@ -232,11 +232,14 @@ def _compile_programs(job: Job, groups, batch_size: int, lead: bool) -> None:
 def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
   """Runs the pending examples of one group.
 
-  -> (written here, failures here, stopped, environment error or None). After each batch
-  the processes agree whether to stop, so they leave the loop together.
+  -> (written here, failures here, stopped, environment error or None). Every
+  `multihost.SYNC_EVERY` batches (every batch with one process) and at the end the
+  processes agree whether to stop, so they leave the loop together. A process whose
+  environment failed (a full disk) writes nothing more until then.
   """
   reader = job.reader()
   written, failures = 0, []
+  environment_error, strict_stop = None, False  # this process's, until agreed
   shape = job.example_shape(group[0].group)
   try:
     for step, (batch, size) in enumerate(_batches(group, job.program.global_batch(batch_size),
@@ -255,7 +258,6 @@ def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
         job.check_first(np.delete(examples[:len(mine)], list(unreadable), axis=0))
       names = [item.name for item in mine] + [""] * (n_rows - len(mine))
       outputs, finite, all_finite = job.program(examples, job.keys(names), size)
-      environment_error = None
       for i, item in enumerate(mine):
         if i in unreadable:
           failures.append(Failure(item.where, unreadable[i]))
@@ -270,14 +272,23 @@ def _run_group(job: Job, group, out_dir, batch_size, strict, bar, lead):
           else:
             written += 1
       bar.update(len(batch))
-      errors = [e for e in multihost.gather_json(environment_error) if e]
-      if errors:
-        return written, failures, True, errors[0]
-      if strict and (not all_finite or multihost.any_process(bool(failures))):
-        return written, failures, True, None
-    return written, failures, False, None
+      strict_stop = strict_stop or (strict and (not all_finite or bool(failures)))
+      if multihost.sync_point(step):
+        error, stop = _agree(environment_error, strict_stop)
+        if error or stop:
+          return written, failures, True, error
+    error, stop = _agree(environment_error, strict_stop)
+    return written, failures, bool(error or stop), error
   finally:
     reader.close()
+
+
+def _agree(environment_error: Optional[str], strict_stop: bool):
+  """(the first process's environment error or None, whether any process must stop): a
+  collective."""
+  views = multihost.gather_json([environment_error, bool(strict_stop)])
+  errors = [error for error, _ in views if error]
+  return (errors[0] if errors else None), any(stop for _, stop in views)
 
 
 NONFINITE_OUTPUT = ("the output holds NaN or inf values, from a finite input: the weights are"

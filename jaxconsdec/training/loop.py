@@ -197,6 +197,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
         options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep,
                                              save_interval_steps=settings.save_every,
                                              enable_async_checkpointing=True))
+    step_fn.compile(vae_encoder, settings.batch_size, settings.resolution)
     start = manager.latest_step() or 0
     if not start:
       state = step_fn.first_state(params)

@@ -204,6 +204,7 @@ class TrainStep:
     pairs = max(pair_count(d) for d in deltas)
     noise_law = check_law(noise_law)
     self._tables = {d: pair_table(d, pairs, noise_law) for d in deltas}
+    self._compiled = None  # see `compile`
     platform = self.mesh.devices.flat[0].platform
     self.program = jax.jit(
         functools.partial(_step, config=config, vae_config=vae_config,
@@ -252,9 +253,22 @@ class TrainStep:
     """The program's pair-law arguments for grid spacing `delta`."""
     return self._tables[delta]
 
+  def compile(self, vae_params, batch_size: int, resolution: int) -> None:
+    """Compiles the step for global batches of `batch_size` crops ahead of its first call.
+    A trainer does this before it allocates the state: the compiler's working memory (GBs at
+    the released widths), freed, is then reused for the state instead of adding to it."""
+    pixels = jax.ShapeDtypeStruct((batch_size, resolution, resolution, 3), np.uint8,
+                                  sharding=self.batch_sharding)
+    vae = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                      sharding=self.replicated), vae_params)
+    levels, logits = next(iter(self._tables.values()))
+    self._compiled = self.program.lower(self.state_abstract(), vae, pixels, np.int32(0), levels,
+                                        logits).compile()
+
   def __call__(self, state, vae_params, local_pixels: np.ndarray, first: int, delta: int):
     pixels = jax.make_array_from_process_local_data(self.batch_sharding, local_pixels)
-    return self.program(state, vae_params, pixels, jnp.int32(first), *self.tables(delta))
+    program = self._compiled or self.program
+    return program(state, vae_params, pixels, jnp.int32(first), *self.tables(delta))
 
 
 def place(tree, shardings):
