@@ -54,7 +54,8 @@ def recomputed(block: ResnetBlock, x: jax.Array, temb: jax.Array) -> jax.Array:
   Not `jax.checkpoint`: JAX marks its recomputation with optimization barriers, which XLA:CPU
   removes before it schedules, and its scheduler then runs the recomputation in the forward
   pass, alongside the original: the activations live just as long, and compiled memory is
-  unchanged (a 16-block chain: 2067 MiB without, 2096 MiB with jax.checkpoint). Here the
+  unchanged (a 16-block chain: 2067 MiB without, 2096 MiB with jax.checkpoint;
+  benchmarks/remat_memory.py). Here the
   recomputation's input depends on the output's cotangent (plus 0 times one of its values),
   which no compiler can move ahead of the block's gradient: 416 MiB. Costs one scalar add,
   fused into the first layer's read, on any platform.
