@@ -37,11 +37,6 @@ def or_over_processes(flags: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(flags, bool))).any(axis=0)
 
 
-def any_process(flag: bool) -> bool:
-  """Whether `flag` is true on any process (a collective)."""
-  return any(gather_json(bool(flag)))
-
-
 def sum_over_processes(value: int) -> int:
   return int(sum(gather_json(int(value))))
 
