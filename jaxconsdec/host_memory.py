@@ -17,6 +17,12 @@ They only govern threads that start after them, and XLA starts its CPU threads w
 JAX backend, so this must run before the first JAX computation: `jaxconsdec train` does so
 first thing; a program that trains through `jaxconsdec.training.loop.train` calls it
 itself, at start-up.
+
+What is kept is also what setting up a run freed: the compiler's working memory, the
+initial weights' copies, the first evaluation. A training step's temporaries are one block
+(8 GB for the released decoder at 256x256), which those scattered holes cannot hold, so the
+heap grows past them and the process would keep both. `release_free_memory` hands the free
+pages back to the kernel once, before the first step; the trainer calls it there.
 """
 
 from __future__ import annotations
@@ -33,17 +39,35 @@ _M_ARENA_MAX = -8
 
 
 @functools.lru_cache(maxsize=None)
+def _libc():
+  """glibc, or None where the C library is another (macOS, musl, Windows)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc's, absent elsewhere)
+  except (OSError, AttributeError):
+    return None
+  libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+  return libc
+
+
+@functools.lru_cache(maxsize=None)
 def keep_freed_memory() -> bool:
   """Applies the settings of this module's docstring; True if they took effect. A no-op
   returning False where the C library is not glibc (macOS, musl, Windows)."""
-  if not sys.platform.startswith("linux"):
+  libc = _libc()
+  if libc is None:
     return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc: no mallopt
-    return False
-  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # mallopt's value is an int; glibc widens it to size_t, so -1 is "never trim".
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-  return all(mallopt(param, value) == 1 for param, value in settings)
+  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def release_free_memory() -> None:
+  """Hands the pages of every free heap block back to the kernel (glibc's `malloc_trim`);
+  the blocks stay the process's and fault back in when reused. A no-op without glibc."""
+  libc = _libc()
+  if libc is not None:
+    libc.malloc_trim(0)

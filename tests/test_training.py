@@ -1,7 +1,6 @@
-"""The trainer: one step on 1, 2 and 8 devices and on 2 processes agrees, with the state
-replicated or sharded; a run killed with SIGKILL and re-run ends bit for bit where an
+"""`jaxconsdec train`: a run killed with SIGKILL and re-run ends bit for bit where an
 uninterrupted run ends, and resumes on another device count; bad data and bad runs are
-answered; the exported model decodes; the latent statistics merge across processes."""
+answered; one process's failure stops every process; the exported model decodes."""
 
 import json
 import os
@@ -9,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -17,59 +15,7 @@ import pytest
 from PIL import Image
 
 import jaxconsdec as jcd
-from jaxconsdec.training import latent_stats
 from hostile import cli_command
-from simulated_devices import simulated_devices_process
-
-# Two optimiser steps of the tiny decoder on 8 fixed 32x32 crops, from any device count,
-# with the state laid out as argv[2] says; the process that leads writes params, Adam state
-# and EMA to argv[1].
-ONE_STEP = textwrap.dedent("""
-    import sys, jax, numpy as np, jaxconsdec as jcd
-    from jaxconsdec.training.step import Optimization, TrainStep, whole_copy
-    {setup}
-    cfg = jcd.TINY.replace(dropout=0.1)
-    params = jcd.random_params(jcd.TINY, seed=1)
-    vae = jcd.random_params(jcd.TINY_VAE, seed=2, halves=("encoder",))
-    pixels = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    opt = Optimization(lr=1e-4, warmup_steps=1, ema_decay=0.5)
-    step = TrainStep(cfg, jcd.TINY_VAE, opt, seed=7, deltas=(64, 16), state_layout=sys.argv[2])
-    state = step.first_state(params)
-    kernel = state["opt_state"][1][0].mu["conv_in"]["kernel"]   # Adam's first moment
-    shard = kernel.addressable_shards[0].data.size
-    if sys.argv[2] == "sharded" and jax.device_count() > 1:  # each device holds its part only
-      assert shard * jax.device_count() == kernel.size, (shard, kernel.shape)
-    else:
-      assert shard == kernel.size
-    per = 8 // jax.process_count()
-    mine = pixels[jax.process_index() * per:(jax.process_index() + 1) * per]
-    old = state
-    state, metrics = step(state, step.replicate(vae), mine, 40, 16)
-    assert kernel.is_deleted() and old["ema"]["conv_in"]["kernel"].is_deleted()  # donated
-    state, metrics = step(state, step.replicate(vae), mine, 48, 64)
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(whole_copy(state)))[0]
-    if jax.process_index() == 0:
-      np.savez(sys.argv[1], **{{jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}})
-    print("OK", jax.device_count(), float(metrics["loss"].addressable_data(0)))
-""")
-
-
-def _load(path):
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
-
-
-def _assert_close(a, b, rtol=1e-6):
-  """Params, Adam state and EMA each agree to `rtol` relative (norm of the difference over
-  the norm, over the whole tree: float32 sums in another order move single zero-initialised
-  biases by more, relative to their own tiny norm)."""
-  assert a.keys() == b.keys()
-  for part in ("['params']", "['opt_state']", "['ema']"):
-    names = [k for k in a if k.startswith(part)]
-    diff = np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in names))
-    norm = np.sqrt(sum(np.sum(b[k].astype(np.float64) ** 2) for k in names))
-    print(part, "relative difference", diff / norm)
-    assert diff <= rtol * norm, (part, diff / norm)
 
 
 def _free_port():
@@ -77,63 +23,6 @@ def _free_port():
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
-def one_step_results(tmp_path_factory):
-  """Every run at once (each mostly compiles, on one core): replicated on 1 device (the
-  reference), 8 devices and 2 processes; sharded on 2 and 8 devices and 2 processes."""
-  folder = tmp_path_factory.mktemp("steps")
-  runs = {}  # (layout, devices) -> ([processes], path)
-  for layout, devices in (("replicated", 1), ("replicated", 8), ("sharded", 2), ("sharded", 8)):
-    path = str(folder / f"{layout}{devices}.npz")
-    runs[layout, devices] = ([simulated_devices_process(ONE_STEP.format(setup=""), devices,
-                                                        path, layout)], path)
-  for layout in ("replicated", "sharded"):
-    # Two processes with one CPU device each, through jax.distributed (gloo collectives).
-    port = _free_port()
-    setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
-             f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[3]))")
-    path = str(folder / f"{layout}-p2.npz")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    runs[layout, "2 processes"] = ([subprocess.Popen(
-        [sys.executable, "-c", ONE_STEP.format(setup=setup), path, layout, str(i)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)], path)
-  results = {}
-  for name, (procs, path) in runs.items():
-    for p in procs:
-      out, err = p.communicate(timeout=900)
-      assert p.returncode == 0 and "OK" in out, (name, err[-3000:])
-    results[name] = _load(path)
-  return results
-
-
-@pytest.mark.parametrize("layout,devices", [("replicated", 8),
-                                            ("replicated", "2 processes"), ("sharded", 2),
-                                            ("sharded", 8), ("sharded", "2 processes")])
-def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results, layout, devices):
-  base = one_step_results["replicated", 1]
-  assert any("ema" in k for k in base) and any("opt_state" in k for k in base)
-  assert int(base["['step']"]) == 2
-  _assert_close(one_step_results[layout, devices], base)
-  # ...and the step did something: params moved from their initial values.
-  init = jcd.random_params(jcd.TINY, seed=1)
-  assert not np.allclose(base["['params']['conv_in']['kernel']"], init["conv_in"]["kernel"])
-
-
-def test_latent_statistics_merge_as_one_pass():
-  rng = np.random.default_rng(0)
-  parts = [rng.standard_normal((n, 3, 3, 4)) * [1, 2, 3, 4] + [5, 6, 7, 8] for n in (3, 1, 7)]
-  total = latent_stats.Welford(4)
-  for part in parts:  # as three processes would, each then merged
-    one = latent_stats.Welford(4)
-    one.add(part)
-    total.merge(one.n, one.mean, one.m2)
-  every = np.concatenate(parts).reshape(-1, 4)
-  np.testing.assert_allclose(total.mean, every.mean(axis=0), rtol=1e-12)
-  np.testing.assert_allclose(total.std, every.std(axis=0, ddof=1), rtol=1e-12)
-
-
-# --- the command --------------------------------------------------------------------------
 
 def _photos(folder, names=("astronaut", "coffee", "chelsea")):
   import skimage.data

@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from jaxconsdec import checkpoint, multihost
+from jaxconsdec import checkpoint, host_memory, multihost
 from jaxconsdec.config import UNetConfig, VAEConfig
 from jaxconsdec.autoencoder import encode, encoder_half
 from jaxconsdec.files import (NotRegularFileError, make_dirs_inside, open_regular,
@@ -132,7 +132,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           state_layout: str = "auto", log=sys.stderr) -> RunReport:
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 
-  params/config: the decoder to start from; from scratch (`from_scratch`), params are None
+  params/config: the decoder to start from (its device arrays are donated: deleted once the
+  state holds them, a copy of the weights fewer for the whole run); from scratch (`from_scratch`), params are None
   and initialised from `seed` once the config has taken the VAE's latent space (channels,
   factors, and statistics measured over the images).
   vae_params: the frozen VAE (its encoder half is used, and exported with the model).
@@ -177,8 +178,6 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
       config = _stored_config(stored, config, from_scratch, run_file)
     elif from_scratch:
       config = _fit_latent_space(config, encoder, vae_config, crops, settings, log)
-    if params is None:  # from scratch: initialised for the latent space now known
-      params = random_params(config, seed=settings.seed)
     config = config.replace(dtype=settings.compute_dtype)
     if lead and stored is None:
       os.makedirs(run_dir, exist_ok=True)
@@ -199,9 +198,14 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                                              enable_async_checkpointing=True))
     step_fn.compile(vae_encoder, settings.batch_size, settings.resolution)
     start = manager.latest_step() or 0
-    if not start:
-      state = step_fn.first_state(params)
-    params = None  # the state holds them now; this copy would stay alive for the whole run
+    if not start:  # from scratch: initialised for the latent space now known
+      state = step_fn.first_state(random_params(config, seed=settings.seed) if params is None
+                                  else params, donate=True)
+    elif params is not None:  # the checkpoint holds them; donated all the same
+      for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.Array):
+          leaf.delete()
+    params = None
     if start:  # restored into this run's layout, whatever layout or device count saved it
       restored = manager.restore(start, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(step_fn.state_abstract()),
@@ -219,6 +223,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                            log)
     if start == 0:
       report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
+    host_memory.release_free_memory()  # what setting up freed: see host_memory
 
     per_process = settings.batch_size // jax.process_count()
     mine = jax.process_index() * per_process

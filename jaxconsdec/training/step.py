@@ -234,12 +234,22 @@ class TrainStep:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         self.replicated, np.asarray(x)), tree)
 
-  def first_state(self, params) -> dict:
+  def first_state(self, params, *, donate: bool = False) -> dict:
     """The first state from `params` (host or device arrays, the same on every process),
     laid out as the step takes it. Each process puts only its devices' parts in place, so no
-    device ever holds more of the state than its share."""
+    device ever holds more of the state than its share.
+
+    donate: `params`' device arrays are deleted once the state holds them (used there where
+    they already lie as the state does), as a jitted function's donated arguments are. At
+    the released widths that is one copy of the weights (2.5 GB) fewer for the whole run."""
     shardings = self.state_shardings["params"]
     placed = place(params, shardings)
+    if donate:  # the arrays `place` copied from; those it kept are donated to the jit below
+      for given, kept in zip(jax.tree.leaves(params), jax.tree.leaves(placed)):
+        if isinstance(given, jax.Array) and given is not kept:
+          given.delete()
+    else:
+      placed = jax.tree.map(lambda p, g: p if p is not g else jnp.copy(p), placed, params)
     return jax.jit(functools.partial(init_state, optimization=self.optimization),
                    in_shardings=(shardings,), out_shardings=self.state_shardings,
                    donate_argnums=(0,))(placed)
@@ -273,8 +283,10 @@ class TrainStep:
 
 def place(tree, shardings):
   """A host-local tree (equal on every process) put onto the devices of `shardings`, each
-  device receiving only its part."""
+  device receiving only its part; a device array already laid out so is kept, not copied."""
   def put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.tree.map(put, tree, shardings)
