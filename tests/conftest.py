@@ -11,11 +11,3 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference`, `import hostile`, ...
-
-# The slowest files first: pytest-xdist (pyproject's addopts) hands out whole files in this
-# order, so the two workers then end together instead of one starting these last.
-SLOWEST_FILES = ("test_training.py", "test_training_step.py", "test_training_learns.py")
-
-
-def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable otherwise

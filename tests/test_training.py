@@ -103,7 +103,7 @@ def test_a_run_writes_metrics_samples_and_a_model_that_decodes(uninterrupted, tm
   assert os.path.exists(tmp_path / "out" / "one.png")
 
 
-def _wait_for(path, proc, timeout=300):
+def _wait_for(path, proc, timeout=600):
   start = time.time()
   while not os.path.exists(path):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
