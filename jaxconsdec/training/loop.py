@@ -133,9 +133,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 
   params/config: the decoder to start from (its device arrays are donated: deleted once the
-  state holds them, a copy of the weights fewer for the whole run); from scratch (`from_scratch`), params are None
-  and initialised from `seed` once the config has taken the VAE's latent space (channels,
-  factors, and statistics measured over the images).
+  state holds them, a copy of the weights fewer for the whole run); from scratch
+  (`from_scratch`), params are None and initialised from `seed` once the config has taken
+  the VAE's latent space (channels, factors, and statistics measured over the images).
   vae_params: the frozen VAE (its encoder half is used, and exported with the model).
   identities: what names the init weights and the VAE by content (recorded in run.json).
   stop: set it to stop at the next step boundary (saving a checkpoint first).
