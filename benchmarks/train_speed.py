@@ -219,11 +219,11 @@ def speed(args):
 
 
 # Compiled-memory variants: (compute dtype, remat, state layout).
-MEMORY_VARIANTS = {"fp32": ("float32", False, "sharded"),
-                   "fp32, remat": ("float32", True, "sharded"),
-                   "bf16": ("bfloat16", False, "sharded"),
-                   "bf16, remat": ("bfloat16", True, "sharded"),
-                   "fp32, replicated state": ("float32", False, "replicated")}
+MEMORY_VARIANTS = {"fp32": ("float32", "off", "sharded"),
+                   "fp32, remat": ("float32", "on", "sharded"),
+                   "bf16": ("bfloat16", "off", "sharded"),
+                   "bf16, remat": ("bfloat16", "on", "sharded"),
+                   "fp32, replicated state": ("float32", "off", "replicated")}
 
 
 def memory(args):
@@ -427,7 +427,7 @@ def throughput(args):
   spec = TFLOP_PER_EXAMPLE_256 * 1e12 * (args.size / 256) ** 2 * args.batch
   result = {"machine": _machine(), "device": jax.devices()[0].device_kind,
             "backend": jax.default_backend(), "size": args.size, "batch": args.batch,
-            "dtype": args.dtype, "remat": args.remat, "tiny": args.tiny,
+            "dtype": args.dtype, "remat": step.remat, "tiny": args.tiny,
             "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
             "compile_s": compile_s, "xla_tflop": (flops or 0) / 1e12,
             "training_md_tflop": spec / 1e12, "matmul_peak_tflops": peak / 1e12,
@@ -439,7 +439,7 @@ def throughput(args):
            " TRAINING.md TFLOP | MFU | device peak GiB |\n"
            "|---|---|---|---|---|---|---|---|---|---|---|\n"
            f"| {result['device']} | {args.size}² | {args.batch} | {args.dtype} |"
-           f" {'yes' if args.remat else 'no'} | {seconds:.3f} | {args.batch / seconds:.2f} |"
+           f" {'yes' if step.remat else 'no'} | {seconds:.3f} | {args.batch / seconds:.2f} |"
            f" {result['xla_tflop']:.1f} | {spec / 1e12:.1f} | {100 * result['mfu']:.0f}% |"
            f" {peak_text} |\n")
   _write(args.out or os.path.join(RESULTS, f"train_throughput_{jax.default_backend()}"), result,
@@ -485,7 +485,8 @@ def main():
   tp.add_argument("--size", type=int, default=256)
   tp.add_argument("--batch", type=int, default=8)
   tp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-  tp.add_argument("--remat", action="store_true")
+  tp.add_argument("--remat", choices=("auto", "on", "off"), default="auto",
+                  help="as `jaxconsdec train --remat` (auto: on at the released widths)")
   tp.add_argument("--tiny", action="store_true", help="tiny widths (a dry run)")
   tp.add_argument("--repeats", type=int, default=5)
   tp.add_argument("--out")

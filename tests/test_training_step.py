@@ -130,6 +130,21 @@ def test_the_first_state_takes_the_weights_arrays_only_when_donated():
                                 taken["params"]["conv_in"]["kernel"])
 
 
+def test_remat_is_on_by_default_at_the_released_widths_only():
+  """Where the activations a 256x256 step keeps do not fit beside the state in 24 GB
+  (docs/training.md, Memory); nothing is compiled here."""
+  import jax
+  from jaxconsdec.training.step import Optimization, TrainStep
+  one = jax.devices()[:1]
+  made = lambda cfg, **kw: TrainStep(cfg, jcd.TINY_VAE, Optimization(), seed=0, devices=one,
+                                     **kw)
+  assert made(jcd.CONSISTENCY_DECODER).remat and not made(jcd.TINY).remat
+  assert made(jcd.TINY, remat="on").remat and not made(jcd.CONSISTENCY_DECODER,
+                                                        remat="off").remat
+  with pytest.raises(ValueError, match="remat must be one of"):
+    made(jcd.TINY, remat=True)
+
+
 def test_latent_statistics_merge_as_one_pass():
   rng = np.random.default_rng(0)
   parts = [rng.standard_normal((n, 3, 3, 4)) * [1, 2, 3, 4] + [5, 6, 7, 8] for n in (3, 1, 7)]

@@ -79,8 +79,10 @@ def add_arguments(p) -> None:
   opt.add_argument("--dropout", type=float, default=0.0, help="ResBlock dropout (from scratch)")
   opt.add_argument("--bf16", action="store_true",
                    help="bfloat16 compute, float32 master weights and loss")
-  opt.add_argument("--remat", action="store_true",
-                   help="recompute ResBlock activations in the backward pass (less memory)")
+  opt.add_argument("--remat", action=argparse.BooleanOptionalAction,
+                   help="recompute ResBlock activations in the backward pass instead of keeping"
+                   " them (less memory, more compute); by default on at the released widths,"
+                   " where a 256x256 step's activations would not fit in 24 GB otherwise")
   opt.add_argument("--state-layout", choices=("auto", "sharded", "replicated"), default="auto",
                    help="params, Adam state and EMA split over the devices (ZeRO/FSDP), or a"
                    " copy on each; auto: split where a copy exceeds 1 GiB (the released"
@@ -163,7 +165,7 @@ def run(args) -> int:
         noise_law=noise_law or pairs.ICT_LAW, pair_weighting=args.pair_weighting,
         anchor_share=args.anchor_share,
         optimization=optimization,
-        compute_dtype="bfloat16" if args.bf16 else "float32", remat=args.remat,
+        compute_dtype="bfloat16" if args.bf16 else "float32",
         flip=not args.no_flip, save_every=args.save_every, keep=args.keep,
         eval_every=args.eval_every, log_every=args.log_every,
         max_pixels=args.max_pixels or 1 << 62)
@@ -201,7 +203,8 @@ def run(args) -> int:
                         vae_params=vae_params, vae_config=vae_config, from_scratch=scratch,
                         identities={"init": init, "vae": vae_identity},
                         eval_inputs=args.eval_images or (), progress=not args.no_progress,
-                        stop=stop, strict=args.strict, state_layout=args.state_layout)
+                        stop=stop, strict=args.strict, state_layout=args.state_layout,
+                        remat={None: "auto", True: "on", False: "off"}[args.remat])
   except loop.TrainingDivergedError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_DIVERGED

@@ -84,7 +84,6 @@ class RunSettings:
   anchor_share: float = 0.0
   optimization: Optimization = Optimization()
   compute_dtype: str = "float32"
-  remat: bool = False
   flip: bool = True
   save_every: int = 500
   keep: int = 3
@@ -129,7 +128,7 @@ class RunReport:
 def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           config: UNetConfig, vae_params, vae_config: VAEConfig, from_scratch: bool, identities: dict, eval_inputs: Sequence[str] = (),
           progress: bool = True, stop: Optional[threading.Event] = None, strict: bool = False,
-          state_layout: str = "auto", log=sys.stderr) -> RunReport:
+          state_layout: str = "auto", remat: str = "auto", log=sys.stderr) -> RunReport:
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 
   params/config: the decoder to start from (its device arrays are donated: deleted once the
@@ -142,6 +141,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
   strict: refuse to start if any image is unusable (else they are left out and listed).
   state_layout: `step.STATE_LAYOUTS`; how the state lies on the devices, not what the run
   computes (a run resumes under another layout or device count).
+  remat: `step.REMAT_CHOICES`; whether the backward pass recomputes ResBlock activations
+  instead of keeping them, also not what the run computes.
   """
   lead = jax.process_index() == 0
   run_dir = os.path.abspath(run_dir)
@@ -185,7 +186,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                                         indent=2).encode())
 
     step_fn = TrainStep(config, vae_config, settings.optimization, seed=settings.seed,
-                        deltas=settings.curriculum, remat=settings.remat,
+                        deltas=settings.curriculum, remat=remat,
                         objective=settings.objective, noise_law=settings.noise_law,
                         pair_weighting=settings.pair_weighting,
                         anchor_share=settings.anchor_share, state_layout=state_layout)
@@ -397,6 +398,9 @@ def _read_run(path: str, identity: dict) -> Optional[dict]:
     raise TrainingSetupError(f"{path} is unreadable ({e}): this is not a run folder jaxconsdec"
                              " can resume. Give --out a new folder") from None
   folder = os.path.dirname(path)
+  settings = stored.get("settings")
+  if isinstance(settings, dict):  # earlier versions counted remat as what a run is
+    settings.pop("remat", None)
   diffs = _differences({k: stored.get(k) for k in identity}, identity)
   was, now = (stored.get("settings") or {}).get("steps"), identity["settings"]["steps"]
   if [name for name, _, _ in diffs] == ["settings.steps"] and isinstance(was, int) and now > was:

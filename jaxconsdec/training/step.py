@@ -41,6 +41,12 @@ OBJECTIVES = ("consistency", "denoising")
 # that (small models, where gathering the params on every step costs more than it saves).
 STATE_LAYOUTS = ("auto", "sharded", "replicated")
 AUTO_SHARD_BYTES = 1 << 30
+# Rematerialised ResBlocks: "on", "off", or "auto": on for a state above AUTO_SHARD_BYTES
+# (the released widths). There the activations the backward pass would keep do not fit
+# beside the state: at 256x256, batch 1, the step's temporaries are 13.0 GiB without and
+# 6.5 GiB with (`benchmarks/train_speed.py memory`), and 24 GiB of host memory holds only
+# the second. Small models keep every activation, which is faster.
+REMAT_CHOICES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,25 +184,30 @@ class TrainStep:
   Returns (state, metrics); the state given is donated (its arrays are deleted).
 
   `state_layout`: one of STATE_LAYOUTS. Make the first state with `first_state` and read one
-  back with `state_abstract` (a checkpoint restores onto any device count).
+  back with `state_abstract` (a checkpoint restores onto any device count). `remat`: one of
+  REMAT_CHOICES (`self.remat` says what was chosen).
   """
 
   def __init__(self, config: UNetConfig, vae_config: VAEConfig, optimization: Optimization,
-               *, seed: int, deltas=(16,), remat: bool = False, objective: str = "consistency",
+               *, seed: int, deltas=(16,), remat: str = "auto", objective: str = "consistency",
                noise_law=ICT_LAW, pair_weighting: str = "ict", anchor_share: float = 0.0,
                state_layout: str = "auto", devices=None):
     if objective not in OBJECTIVES:
       raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if state_layout not in STATE_LAYOUTS:
       raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
+    if remat not in REMAT_CHOICES:
+      raise ValueError(f"remat must be one of {REMAT_CHOICES}, got {remat!r}")
     self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
     self.config, self.vae_config, self.optimization = config, vae_config, optimization
     abstract = jax.eval_shape(functools.partial(init_state, optimization=optimization),
                               abstract_params(config))
-    self.sharded = (state_layout == "sharded" or state_layout == "auto"
-                    and state_bytes(abstract) > AUTO_SHARD_BYTES) and self.num_devices > 1
+    large = state_bytes(abstract) > AUTO_SHARD_BYTES
+    self.sharded = (state_layout == "sharded" or state_layout == "auto" and large
+                    ) and self.num_devices > 1
+    self.remat = remat == "on" or remat == "auto" and large
     n = self.num_devices if self.sharded else 1
     self.state_shardings = jax.tree.map(
         lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, n)), abstract)
@@ -208,7 +219,7 @@ class TrainStep:
     platform = self.mesh.devices.flat[0].platform
     self.program = jax.jit(
         functools.partial(_step, config=config, vae_config=vae_config,
-                          optimization=optimization, seed=seed, remat=remat,
+                          optimization=optimization, seed=seed, remat=self.remat,
                           objective=objective, noise_law=noise_law,
                           pair_weighting=pair_weighting, anchor_share=float(anchor_share),
                           # models.conv's CPU backward, outside the per-example dropout vmap
