@@ -32,7 +32,7 @@ def _photos(folder, names=("astronaut", "coffee", "chelsea")):
 
 
 TRAIN = ["--steps", "6", "--batch-size", "2", "--resolution", "32", "--config", "tiny",
-         "--random-vae", "tiny", "--curriculum", "64,16", "--save-every", "1", "--keep", "2",
+         "--random-vae", "tiny", "--curriculum", "64,16", "--save-every", "2", "--keep", "2",
          "--eval-every", "3", "--log-every", "1", "--warmup", "2", "--lr", "1e-3",
          "--ema-decay", "0.9", "--no-progress"]
 # The runs of this module share an XLA cache (set by the fixture below), so only the first
@@ -122,6 +122,8 @@ def test_sigkill_and_rerun_ends_bit_for_bit_where_an_uninterrupted_run_ends(
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not os.path.exists(os.path.join(run, "model"))
+  saved = [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit()]
+  assert all(int(n) % 2 == 0 for n in saved), saved  # every --save-every 2 steps only
   again = _train(photos, run)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stderr
@@ -138,7 +140,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(photos, tmp_path):
   run = str(tmp_path / "run")
   proc = subprocess.Popen(_command(photos, run),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for(os.path.join(run, "checkpoints", "1"), proc)
+  _wait_for(os.path.join(run, "checkpoints", "2"), proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 130, err[-2000:]
@@ -249,7 +251,7 @@ def _strict_json(line):
 def test_a_run_that_goes_nan_stops_keeps_finite_checkpoints_and_exports_nothing(photos,
                                                                               tmp_path):
   run = str(tmp_path / "nan")
-  proc = _train(photos, run, "--lr", "1e6")
+  proc = _train(photos, run, "--lr", "1e6", "--save-every", "1")
   assert proc.returncode == 5, proc.stderr[-3000:]
   assert "diverged" in proc.stderr and "NaN or inf at step" in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(os.path.join(run, "model"))  # nothing exported
