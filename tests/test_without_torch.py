@@ -16,7 +16,7 @@ NO_TORCH = ("import sys; sys.modules['torch'] = None; import pytest;"
 
 def test_the_suite_runs_without_torch():
   proc = subprocess.run(
-      [sys.executable, "-c", NO_TORCH, "-q", "-p", "no:cacheprovider", "-rs",
+      [sys.executable, "-c", NO_TORCH, "-n", "0", "-q", "-p", "no:cacheprovider", "-rs",
        os.path.join(HERE, "test_latent_files.py"), os.path.join(HERE, "test_images_cli.py"),
        os.path.join(HERE, "test_schedule.py")],
       capture_output=True, text=True, timeout=600, cwd=HERE)
