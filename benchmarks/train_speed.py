@@ -345,7 +345,12 @@ def peaks(args):
   forward and backward, teacher forward, clipping, Adam, an EMA copy)."""
   import skimage.data
   from PIL import Image
+  stem = args.out or os.path.join(RESULTS, "train_peaks_cpu")
   results = {}
+  if args.only and os.path.exists(stem + ".json"):  # the runs not redone, as measured before
+    with open(stem + ".json") as f:
+      results = {name: r for name, r in json.load(f)["runs"].items()
+                 if not name.startswith(args.only)}
   with tempfile.TemporaryDirectory() as work:
     photos = os.path.join(work, "photos")
     os.makedirs(photos)
@@ -353,9 +358,11 @@ def peaks(args):
     # first images, and at 256² on a CPU each takes minutes; the step is the same.
     Image.fromarray(skimage.data.astronaut()).save(os.path.join(photos, "astronaut.png"))
     for name, kind, devices, extra in PEAK_RUNS:
+      if args.only and not name.startswith(args.only):
+        continue
       if kind == "train":
         cmd = [sys.executable, "-m", "jaxconsdec.cli", "train", photos, "--out",
-               os.path.join(work, f"run{len(results)}"), "--config", "released",
+               os.path.join(work, f"run{devices}"), "--config", "released",
                "--random-vae", "tiny", "--steps", "2", "--no-progress", "--no-compile-cache",
                *extra]
       else:
@@ -378,8 +385,7 @@ def peaks(args):
            + "".join(f"| {name} | {r['devices']} | {r['exit_status']} |"
                      f" {r['peak_rss_gib'] or 0:.2f} | {r['seconds']:.0f} |\n"
                      for name, r in results.items()))
-  _write(args.out or os.path.join(RESULTS, "train_peaks_cpu"),
-         {"machine": _machine(), "memory_gib": _memory_gib(), "runs": results}, table)
+  _write(stem, {"machine": _machine(), "memory_gib": _memory_gib(), "runs": results}, table)
 
 
 def peak_of(command):
@@ -479,6 +485,8 @@ def main():
     mem.add_argument("--out")
   pk = sub.add_parser("peaks")
   pk.add_argument("--out")
+  pk.add_argument("--only", choices=("jaxconsdec", "torch"),
+                  help="run only these; the other side's runs are kept from the results file")
   po = sub.add_parser("peak-of")
   po.add_argument("command", nargs=argparse.REMAINDER)
   tp = sub.add_parser("throughput")
