@@ -70,7 +70,12 @@ def recomputed(block: ResnetBlock, x: jax.Array, temb: jax.Array) -> jax.Array:
 
   def backward(residuals, g):
     params, x, temb = residuals
-    x = x + (g.reshape(-1)[0] * 0).astype(x.dtype)  # after g exists: see the docstring
+    zero = g.reshape(-1)[0] * 0  # after g exists: see the docstring
+    x = x + zero.astype(x.dtype)
+    # The params too: where they are sharded over devices (the trainer's FSDP state), each
+    # use gathers them whole, and a recomputation that reads them as the forward pass did
+    # shares its gathered copy, which then lives from the forward pass to the backward.
+    params = jax.tree.map(lambda p: p + zero.astype(p.dtype), params)
     d_params, dx, dtemb = jax.vjp(apply, params, x, temb)[1](g)
     return {"params": d_params}, dx, dtemb
 
