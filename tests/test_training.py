@@ -306,7 +306,6 @@ def _edit_widths(path):
 
 
 def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(tmp_path):
-  import shutil
   images = _photos(str(tmp_path / "images"))
   whole = tmp_path / "whole.jpg"
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), np.uint8)).save(whole)

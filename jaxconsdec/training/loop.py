@@ -126,8 +126,9 @@ class RunReport:
 
 
 def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
-          config: UNetConfig, vae_params, vae_config: VAEConfig, from_scratch: bool, identities: dict, eval_inputs: Sequence[str] = (),
-          progress: bool = True, stop: Optional[threading.Event] = None, strict: bool = False,
+          config: UNetConfig, vae_params, vae_config: VAEConfig, from_scratch: bool,
+          identities: dict, eval_inputs: Sequence[str] = (), progress: bool = True,
+          stop: Optional[threading.Event] = None, strict: bool = False,
           state_layout: str = "auto", remat: str = "auto", log=sys.stderr) -> RunReport:
   """Trains (or resumes) the run in `run_dir`; see the module docstring.
 

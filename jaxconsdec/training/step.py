@@ -4,10 +4,10 @@ The state is a dict {"step", "params", "opt_state", "ema"}. Sharded (ZeRO/FSDP),
 is split over the mesh's "data" axis along its largest axis that divides by the device
 count, and XLA gathers each layer's params where they are used and reduce-scatters their
 gradients; replicated, every device holds all of it. The step donates its state, so the new
-one takes the old one's place. The global batch of uint8 crops is split over the same axis. Everything random in the
-step comes from `fold_in(key(seed), g)` for each example's global index g (split into pair,
-noise and dropout keys), so a run computes the same thing on 1 device or 64; only the order
-of the gradient's cross-device sum differs (float32 rounding).
+one takes the old one's place. The global batch of uint8 crops is split over the same axis.
+Everything random in the step comes from `fold_in(key(seed), g)` for each example's global
+index g (split into pair, noise and dropout keys), so a run computes the same thing on 1
+device or 64; only the order of the gradient's cross-device sum differs (float32 rounding).
 
 The frozen VAE encoder turns each crop into its latent (the posterior mean) inside the step.
 """
