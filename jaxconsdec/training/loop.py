@@ -206,7 +206,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     # it runs cannot take the state over (donation) and allocates a second one beside it,
     # 9.3 GiB more at the released widths, which did not fit in 24 GB. There each save
     # completes before the next step.
-    save_completes = step_fn.mesh.devices.flat[0].platform == "cpu"
+    save_completes = step_fn.platform == "cpu"
     step_fn.compile(vae_encoder, settings.batch_size, settings.resolution)
     start = manager.latest_step() or 0
     if not start:  # from scratch: initialised for the latent space now known

@@ -44,8 +44,8 @@ AUTO_SHARD_BYTES = 1 << 30
 # Rematerialised ResBlocks: "on", "off", or "auto": on for a state above AUTO_SHARD_BYTES
 # (the released widths). There the activations the backward pass would keep do not fit
 # beside the state: at 256x256, batch 1, the step's temporaries are 13.0 GiB without and
-# 6.5 GiB with (`benchmarks/train_speed.py memory`), and 24 GiB of host memory holds only
-# the second. Small models keep every activation, which is faster.
+# 6.5 GiB with (benchmarks/results/train_memory_cpu_256_1_device.jsonl), and 24 GiB holds
+# only the second. Small models keep every activation, which is faster.
 REMAT_CHOICES = ("auto", "on", "off")
 
 
@@ -185,7 +185,7 @@ class TrainStep:
 
   `state_layout`: one of STATE_LAYOUTS. Make the first state with `first_state` and read one
   back with `state_abstract` (a checkpoint restores onto any device count). `remat`: one of
-  REMAT_CHOICES (`self.remat` says what was chosen).
+  REMAT_CHOICES (`self.remat` says what was chosen). `platform`: the devices' platform.
   """
 
   def __init__(self, config: UNetConfig, vae_config: VAEConfig, optimization: Optimization,
@@ -216,7 +216,7 @@ class TrainStep:
     noise_law = check_law(noise_law)
     self._tables = {d: pair_table(d, pairs, noise_law) for d in deltas}
     self._compiled = None  # see `compile`
-    platform = self.mesh.devices.flat[0].platform
+    self.platform = platform = self.mesh.devices.flat[0].platform
     self.program = jax.jit(
         functools.partial(_step, config=config, vae_config=vae_config,
                           optimization=optimization, seed=seed, remat=self.remat,
