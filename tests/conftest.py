@@ -12,9 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference`, `import hostile`, ...
 
-# The slowest files first, slowest of all first (their durations on a 2-core CPU: 1300,
-# 390, 350, 250, 200, 170, 130, 120 s): pytest-xdist hands out whole files in this order, so
-# the two workers end together instead of one starting the longest file last.
+# The slowest files first, slowest of all first (by `pytest --durations` on a 2-core CPU):
+# pytest-xdist hands out whole files in this order, so the two workers end together instead
+# of one starting the longest file last.
 SLOWEST_FILES = ("test_training.py", "test_training_learns.py", "test_training_step.py",
                  "test_convert.py", "test_conv.py", "test_keys.py", "test_remat.py",
                  "test_packaging.py")
