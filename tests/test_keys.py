@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import jaxconsdec as jcd
+from small_models import SMALLEST
 
-CONFIG = jcd.TINY.replace(dropout=0.5)  # dropout makes the loss depend on the key
+CONFIG = SMALLEST.replace(dropout=0.5)  # dropout makes the loss depend on the key
 SEED = 1
 KINDS = {"typed": lambda: jax.random.key(SEED), "legacy": lambda: jax.random.PRNGKey(SEED),
          "int": lambda: SEED}

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import jaxconsdec as jcd
+import small_models
 from hostile import cli_command
 
 
@@ -31,22 +32,24 @@ def _photos(folder, names=("astronaut", "coffee", "chelsea")):
   return folder
 
 
-TRAIN = ["--steps", "6", "--batch-size", "2", "--resolution", "32", "--config", "tiny",
-         "--random-vae", "tiny", "--curriculum", "64,16", "--save-every", "2", "--keep", "2",
+TRAIN = ["--steps", "6", "--batch-size", "2", "--resolution", "32", "--random-vae", "tiny",
+         "--curriculum", "64,16", "--save-every", "2", "--keep", "2",
          "--eval-every", "3", "--log-every", "1", "--warmup", "2", "--lr", "1e-3",
          "--ema-decay", "0.9", "--no-progress"]
-# The runs of this module share an XLA cache (set by the fixture below), so only the first
-# compiles the step.
-CACHE = []
+# The runs of this module train the smallest decoder and share an XLA cache (both set by the
+# fixture below), so only the first compiles the step.
+SHARED = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def shared_compile_cache(tmp_path_factory):
-  CACHE[:] = ["--compile-cache", str(tmp_path_factory.mktemp("xla-cache"))]
+def shared_config_and_compile_cache(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("shared")
+  SHARED[:] = ["--config", small_models.config_file(folder), "--compile-cache",
+               str(folder / "xla-cache")]
 
 
 def _command(images, run, *extra):
-  return cli_command("train", images, "--out", run, *TRAIN, *CACHE, *extra)
+  return cli_command("train", images, "--out", run, *TRAIN, *SHARED, *extra)
 
 
 def _train(images, run, *extra, timeout=600, **kw):
@@ -91,7 +94,8 @@ def test_a_run_writes_metrics_samples_and_a_model_that_decodes(uninterrupted, tm
   assert loaded.config.latent_channels == 4 and loaded.vae_halves == ("encoder",)
   run = json.load(open(os.path.join(uninterrupted, "run.json")))
   # From scratch the latent statistics are measured over the images, and stored.
-  assert tuple(run["config"]["latent_std"]) == loaded.config.latent_std != jcd.TINY.latent_std
+  assert tuple(run["config"]["latent_std"]) == loaded.config.latent_std != (
+      small_models.SMALLEST.latent_std)
   lat = np.asarray(jcd.encode(loaded.vae_params, np.zeros((1, 32, 32, 3), np.float32),
                               config=loaded.vae_config, layout="NHWC"))
   np.save(tmp_path / "one.npy", lat[0].transpose(2, 0, 1))
@@ -230,7 +234,7 @@ def test_the_command_fits_its_steps_and_names_what_differs(uninterrupted, photos
   # the move to a finer grid is announced.
   flags = [f for i, f in enumerate(TRAIN) if "--warmup" not in (f, TRAIN[i - 1])]
   run = str(tmp_path / "short")
-  proc = subprocess.run(cli_command("train", photos, "--out", run, *flags, *CACHE, "--steps",
+  proc = subprocess.run(cli_command("train", photos, "--out", run, *flags, *SHARED, "--steps",
                                     "20", "--save-every", "20", "--eval-every", "20"),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

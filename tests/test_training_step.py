@@ -14,16 +14,17 @@ import pytest
 import jaxconsdec as jcd
 from jaxconsdec.training import latent_stats
 from simulated_devices import simulated_devices_process
+from small_models import SMALLEST
 
-# Two optimiser steps of the tiny decoder on 8 fixed 32x32 crops, from any device count,
-# with the state laid out as argv[2] says; the process that leads writes params, Adam state
-# and EMA to argv[1].
+# Two optimiser steps of the decoder whose config is argv[3] (the tests' smallest) on 8 fixed
+# 32x32 crops, from any device count, with the state laid out as argv[2] says; the process
+# that leads writes params, Adam state and EMA to argv[1].
 ONE_STEP = textwrap.dedent("""
     import sys, jax, numpy as np, jaxconsdec as jcd
     from jaxconsdec.training.step import Optimization, TrainStep, whole_copy
     {setup}
-    cfg = jcd.TINY.replace(dropout=0.1)
-    params = jcd.random_params(jcd.TINY, seed=1)
+    cfg = jcd.UNetConfig.from_json(sys.argv[3]).replace(dropout=0.1)
+    params = jcd.random_params(cfg, seed=1)
     vae = jcd.random_params(jcd.TINY_VAE, seed=2, halves=("encoder",))
     pixels = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     opt = Optimization(lr=1e-4, warmup_steps=1, ema_decay=0.5)
@@ -82,18 +83,20 @@ def one_step_results(tmp_path_factory):
   runs = {}  # (layout, devices) -> ([processes], path)
   for layout, devices in (("replicated", 1), ("sharded", 2), ("sharded", 8)):
     path = str(folder / f"{layout}{devices}.npz")
-    runs[layout, devices] = ([simulated_devices_process(ONE_STEP.format(setup=""), devices,
-                                                        path, layout)], path)
+    proc = simulated_devices_process(ONE_STEP.format(setup=""), devices, path, layout,
+                                     SMALLEST.to_json())
+    runs[layout, devices] = ([proc], path)
   for layout in ("sharded",):
     # Two processes with one CPU device each, through jax.distributed (gloo collectives).
     port = _free_port()
     setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
-             f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[3]))")
+             f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[4]))")
     path = str(folder / f"{layout}-p2.npz")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     runs[layout, "2 processes"] = ([subprocess.Popen(
-        [sys.executable, "-c", ONE_STEP.format(setup=setup), path, layout, str(i)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)], path)
+        [sys.executable, "-c", ONE_STEP.format(setup=setup), path, layout, SMALLEST.to_json(),
+         str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)], path)
   results = {}
   for name, (procs, path) in runs.items():
     for p in procs:
@@ -111,7 +114,7 @@ def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results, la
   assert int(base["['step']"]) == 2
   _assert_close(one_step_results[layout, devices], base)
   # ...and the step did something: params moved from their initial values.
-  init = jcd.random_params(jcd.TINY, seed=1)
+  init = jcd.random_params(SMALLEST, seed=1)
   assert not np.allclose(base["['params']['conv_in']['kernel']"], init["conv_in"]["kernel"])
 
 
