@@ -1,10 +1,11 @@
-"""The decoder the trainer's command, step and key tests train: TINY's widths and numerics on
-two levels of one ResBlock each.
+"""The decoder most training tests train: TINY's widths and numerics on two levels of one
+ResBlock each.
 
-What those tests check (resuming bit for bit, sharding, refusals, exports, keys) does not
-depend on the depth, and this step compiles in about half of TINY's time on XLA:CPU, which is
-most of what each trainer run costs there. The released topology is still trained, at TINY's
-widths, in test_training_learns, test_remat and test_conv.
+What those tests check (resuming bit for bit, sharding, refusals, exports, keys, remat's and
+the product path's gradients) does not depend on the depth, and this step compiles in about
+half of TINY's time on XLA:CPU, which is most of what each trainer run costs there. The
+released topology is still trained, at TINY's widths, where depth matters: in
+test_training_learns (what a run learns) and in test_remat's memory test.
 """
 
 import os

@@ -137,12 +137,12 @@ def test_not_asked_for_a_large_convolution_is_xla_own_and_has_a_forward_derivati
 
 
 def test_a_training_step_through_the_products_equals_one_through_xla(monkeypatch):
-  """The trainer's own step at the tiny widths (one ResBlock a level: it compiles twice),
+  """The trainer's own step on the tests' smallest decoder (it compiles twice),
   with the size threshold lowered so that its convolutions take the products (counted),
   against the same step with XLA's backward."""
   import jaxconsdec as jcd
   from jaxconsdec.training.step import Optimization, TrainStep, whole_copy
-  cfg = jcd.TINY.replace(layers_per_block=1)
+  from small_models import SMALLEST as cfg
   params = jcd.random_params(cfg, seed=1)
   vae = jcd.random_params(jcd.TINY_VAE, seed=2, halves=("encoder",))
   pixels = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)

@@ -23,7 +23,7 @@ def _loss(cfg, size, batch, remat):
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-  cfg = jcd.TINY
+  from small_models import SMALLEST as cfg  # every kind of block, one of each
   params = jcd.random_params(cfg, seed=0)
   out = {r: jax.jit(jax.value_and_grad(_loss(cfg, 32, 2, r)))(params) for r in (False, True)}
   (loss, grads), (loss_r, grads_r) = out[False], out[True]
