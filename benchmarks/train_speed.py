@@ -485,8 +485,10 @@ def main():
     mem.add_argument("--out")
   pk = sub.add_parser("peaks")
   pk.add_argument("--out")
-  pk.add_argument("--only", choices=("jaxconsdec", "torch"),
-                  help="run only these; the other side's runs are kept from the results file")
+  pk.add_argument("--only", metavar="PREFIX",
+                  help="run only the runs whose name starts with PREFIX (`jaxconsdec`, `torch`,"
+                       " `jaxconsdec train, 1 device`); the others are kept from the results"
+                       " file")
   po = sub.add_parser("peak-of")
   po.add_argument("command", nargs=argparse.REMAINDER)
   tp = sub.add_parser("throughput")
