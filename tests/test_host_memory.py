@@ -2,6 +2,7 @@
 its pages in once, not on every execution; and what its set-up freed is handed back once,
 before the first step (jaxconsdec/host_memory.py)."""
 
+import os
 import subprocess
 import sys
 
@@ -71,3 +72,12 @@ def test_memory_freed_during_set_up_is_handed_back_before_the_first_step():
   assert after > held - 50, (held, after)  # kept, as keep_freed_memory promises
   held, after = _rss_held_and_after("release")
   assert after < held - 350, (held, after)  # the 400 MiB of holes returned
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux's MemAvailable")
+def test_short_of_compares_with_what_the_machine_has_available():
+  from jaxconsdec import host_memory
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  assert 0 < host_memory.available_bytes() <= total
+  assert host_memory.short_of(total + 1) and not host_memory.short_of(1 << 20)
+  assert not host_memory.short_of(None)  # a step whose temporaries are not host memory

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -409,3 +410,19 @@ def test_when_one_of_two_processes_fails_both_stop_together_with_its_message(pho
   last = outs[1][1].strip().splitlines()[-1]
   assert "process 0 stopped the job" in last and "tampered" in last, last
   assert not os.path.exists(os.path.join(run, "model"))
+
+
+def test_short_of_memory_the_trainer_hands_free_pages_back_after_each_step(photos, tmp_path):
+  """Where the machine has less memory available than a step's temporaries (forced here),
+  each step's freed block is handed back before the next (jaxconsdec/host_memory.py); the
+  run is the same run."""
+  forced = ("import sys; from jaxconsdec import host_memory as h; calls = []\n"
+            "h.short_of = lambda needed: needed is not None\n"
+            "h.release_free_memory = lambda: calls.append(1)\n"
+            "from jaxconsdec.cli import main; code = main(sys.argv[1:])\n"
+            "print('RELEASED', len(calls)); sys.exit(code)")
+  proc = subprocess.run([sys.executable, "-c", forced, "train", photos, "--out",
+                         str(tmp_path / "run"), *TRAIN, *SHARED], capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "RELEASED 7" in proc.stdout, proc.stdout  # once after set-up, then once a step

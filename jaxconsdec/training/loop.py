@@ -208,6 +208,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     # completes before the next step.
     save_completes = step_fn.platform == "cpu"
     step_fn.compile(vae_encoder, settings.batch_size, settings.resolution)
+    host_temporaries = step_fn.temporary_bytes if step_fn.platform == "cpu" else None
     start = manager.latest_step() or 0
     if not start:  # from scratch: initialised for the latent space now known
       state = step_fn.first_state(random_params(config, seed=settings.seed) if params is None
@@ -266,6 +267,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           r = settings.resolution
           error, rows = error or e, np.zeros((per_process, r, r, 3), np.uint8)
         state, step_metrics = step_fn(state, vae_encoder, rows, first, delta)
+        if host_memory.short_of(host_temporaries):
+          jax.block_until_ready(step_metrics)  # its temporaries freed: see host_memory
+          host_memory.release_free_memory()
         step += 1
         pending.append(step_metrics)
         examples += settings.batch_size

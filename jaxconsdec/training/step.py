@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -285,6 +286,13 @@ class TrainStep:
     levels, logits = next(iter(self._tables.values()))
     self._compiled = self.program.lower(self.state_abstract(), vae, pixels, np.int32(0), levels,
                                         logits).compile()
+
+  @property
+  def temporary_bytes(self) -> Optional[int]:
+    """Host or device bytes one step allocates for its temporaries (XLA's count), once
+    `compile` has run; None before."""
+    return None if self._compiled is None else (
+        self._compiled.memory_analysis().temp_size_in_bytes)
 
   def __call__(self, state, vae_params, local_pixels: np.ndarray, first: int, delta: int):
     pixels = jax.make_array_from_process_local_data(self.batch_sharding, local_pixels)
