@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

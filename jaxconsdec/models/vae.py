@@ -16,9 +16,7 @@ The two halves are separate methods, so a file holding only the encoder (a
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Optional
 
 import flax.linen as nn
 import jax
