@@ -9,7 +9,6 @@ sample is `mean + std * normal(k_i)`, so it never depends on the rest of its bat
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
