@@ -26,12 +26,11 @@ pages back to the kernel once, before the first step; the trainer calls it there
 
 A freed step's block is also not always whole when the next step asks for it: whatever the
 host allocates between two steps (the next rows, the metrics) can be carved out of it, and
-the next block then comes from fresh pages, the heap one step's temporaries larger. Measured
-with `jaxconsdec train` (RSS sampled twice a second): the tiny widths at 512x512, batch 1,
-3.98 GiB through steps 1-5, 7.02 GiB in step 6; the released widths at 256x256, batch 1,
-17.7 GB in step 1 and 24.1 GB, this 24 GB machine's limit, in step 2. So where the machine has
-less memory available than one step's temporaries (`short_of`), the trainer hands the free
-pages back after each step: the next block faults in afresh, within what is there.
+the next block then comes from fresh pages, the heap one step's temporaries larger (6.5 GiB
+for the released decoder at 256x256, which took a 24 GB machine to its limit in its second
+step). So where the machine has less memory available than one step's temporaries
+(`short_of`), the trainer hands the free pages back after each step: the next block faults
+in afresh, within what is there.
 """
 
 from __future__ import annotations
