@@ -206,9 +206,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     # it runs cannot take the state over (donation) and allocates a second one beside it,
     # 9.3 GiB more at the released widths, which did not fit in 24 GB. There each save
     # completes before the next step.
-    save_completes = step_fn.platform == "cpu"
+    save_completes = on_cpu = step_fn.platform == "cpu"
     step_fn.compile(vae_encoder, settings.batch_size, settings.resolution)
-    host_temporaries = step_fn.temporary_bytes if step_fn.platform == "cpu" else None
+    host_temporaries = step_fn.temporary_bytes if on_cpu else None
     start = manager.latest_step() or 0
     if not start:  # from scratch: initialised for the latent space now known
       state = step_fn.first_state(random_params(config, seed=settings.seed) if params is None
