@@ -28,9 +28,9 @@ A freed step's block is also not always whole when the next step asks for it: wh
 host allocates between two steps (the next rows, the metrics) can be carved out of it, and
 the next block then comes from fresh pages, the heap one step's temporaries larger (6.5 GiB
 for the released decoder at 256x256, which took a 24 GB machine to its limit in its second
-step). So where the machine has less memory available than one step's temporaries
-(`short_of`), the trainer hands the free pages back after each step: the next block faults
-in afresh, within what is there.
+step). So where the memory available before the first step cannot hold two steps'
+temporaries (`cannot_grow_by`), the trainer hands the free pages back after each step: the
+next block faults in afresh, within what is there.
 """
 
 from __future__ import annotations
@@ -111,3 +111,11 @@ def short_of(needed: Optional[int]) -> bool:
   is unknown)."""
   available = available_bytes()
   return needed is not None and available is not None and available < needed
+
+
+def cannot_grow_by(temporaries: Optional[int]) -> bool:
+  """Whether a process whose steps each allocate `temporaries` bytes (None: not on the host)
+  should hand its free pages back after each step: the memory available now, before the
+  first step, cannot hold the step's block twice (once, and once more where the heap grows
+  past a block that was split between steps)."""
+  return temporaries is not None and short_of(2 * temporaries)

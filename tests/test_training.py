@@ -413,11 +413,13 @@ def test_when_one_of_two_processes_fails_both_stop_together_with_its_message(pho
 
 
 def test_short_of_memory_the_trainer_hands_free_pages_back_after_each_step(photos, tmp_path):
-  """Where the machine has less memory available than a step's temporaries (forced here),
-  each step's freed block is handed back before the next (jaxconsdec/host_memory.py); the
-  run is the same run."""
+  """Where the memory available before the first step holds one step's temporaries but not
+  two (made so here: 3 GiB available, 2 GiB a step), each step's freed block is handed back
+  before the next (jaxconsdec/host_memory.py); the run is the same run."""
   forced = ("import sys; from jaxconsdec import host_memory as h; calls = []\n"
-            "h.short_of = lambda needed: needed is not None\n"
+            "from jaxconsdec.training.step import TrainStep\n"
+            "TrainStep.temporary_bytes = property(lambda self: 2 << 30)\n"
+            "h.available_bytes = lambda: 3 << 30\n"
             "h.release_free_memory = lambda: calls.append(1)\n"
             "from jaxconsdec.cli import main; code = main(sys.argv[1:])\n"
             "print('RELEASED', len(calls)); sys.exit(code)")

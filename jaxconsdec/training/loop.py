@@ -236,6 +236,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     if start == 0:
       report.last_eval = metrics.write(0, evaluator(state["ema"], 0), "eval")
     host_memory.release_free_memory()  # what setting up freed: see host_memory
+    # Decided now, with nothing of a step allocated: a check after a step's dispatch would
+    # run before its temporaries exist.
+    hand_back = host_memory.cannot_grow_by(host_temporaries)
 
     per_process = settings.batch_size // jax.process_count()
     mine = jax.process_index() * per_process
@@ -267,7 +270,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           r = settings.resolution
           error, rows = error or e, np.zeros((per_process, r, r, 3), np.uint8)
         state, step_metrics = step_fn(state, vae_encoder, rows, first, delta)
-        if host_memory.short_of(host_temporaries):
+        if hand_back:
           jax.block_until_ready(step_metrics)  # its temporaries freed: see host_memory
           host_memory.release_free_memory()
         step += 1
