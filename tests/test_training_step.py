@@ -18,17 +18,23 @@ from small_models import SMALLEST
 
 # Two optimiser steps of the decoder whose config is argv[3] (the tests' smallest) on 8 fixed
 # 32x32 crops, from any device count, with the state laid out as argv[2] says; the process
-# that leads writes params, Adam state and EMA to argv[1].
+# that leads writes params, Adam state and EMA to argv[1]. argv[4] "dropout": with dropout
+# (ResBlocks left to XLA's partitioner); "blocks <remat>": no dropout, remat "on" (sharded,
+# each ResBlock gathers its own params: models/sharded_blocks.py) or "off".
 ONE_STEP = textwrap.dedent("""
     import sys, jax, numpy as np, jaxconsdec as jcd
     from jaxconsdec.training.step import Optimization, TrainStep, whole_copy
     {setup}
-    cfg = jcd.UNetConfig.from_json(sys.argv[3]).replace(dropout=0.1)
+    variant, *remat = sys.argv[4].split()
+    cfg = jcd.UNetConfig.from_json(sys.argv[3]).replace(dropout=0.1 if variant == "dropout" else 0)
     params = jcd.random_params(cfg, seed=1)
     vae = jcd.random_params(jcd.TINY_VAE, seed=2, halves=("encoder",))
     pixels = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     opt = Optimization(lr=1e-4, warmup_steps=1, ema_decay=0.5)
-    step = TrainStep(cfg, jcd.TINY_VAE, opt, seed=7, deltas=(64, 16), state_layout=sys.argv[2])
+    step = TrainStep(cfg, jcd.TINY_VAE, opt, seed=7, deltas=(64, 16), state_layout=sys.argv[2],
+                     remat=remat[0] if remat else "auto")
+    assert (step.block_layout is not None) == (remat == ["on"] and sys.argv[2] == "sharded"
+                                                  and jax.device_count() > 1)
     state = step.first_state(params, donate=True)
     assert all(x.is_deleted() for x in jax.tree.leaves(params))  # however they were laid out
     kernel = state["opt_state"][1][0].mu["conv_in"]["kernel"]   # Adam's first moment
@@ -76,27 +82,29 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def one_step_results(tmp_path_factory):
-  """Every run at once (each mostly compiles, on one core): the state replicated on 1 device
-  (the reference), and sharded on 2 and 8 devices and on 2 processes. A replicated state on
-  many devices is the sharded program with whole leaves; the command tests run it."""
+  """Every run at once (each mostly compiles, on one core). With dropout: the state
+  replicated on 1 device (the reference) and sharded on 2 devices. Without, the ResBlocks
+  rematerialised and each gathering its own params: sharded on 8 devices and on 2 processes,
+  against 1 device, replicated, without remat. A replicated state on many devices is the
+  sharded program with whole leaves; the command tests run it."""
   folder = tmp_path_factory.mktemp("steps")
-  runs = {}  # (layout, devices) -> ([processes], path)
-  for layout, devices in (("replicated", 1), ("sharded", 2), ("sharded", 8)):
-    path = str(folder / f"{layout}{devices}.npz")
+  runs = {}  # (variant, layout, devices) -> ([processes], path)
+  for variant, layout, devices in (("dropout", "replicated", 1), ("dropout", "sharded", 2),
+                                   ("blocks off", "replicated", 1), ("blocks on", "sharded", 8)):
+    path = str(folder / f"{variant}-{layout}{devices}.npz")
     proc = simulated_devices_process(ONE_STEP.format(setup=""), devices, path, layout,
-                                     SMALLEST.to_json())
-    runs[layout, devices] = ([proc], path)
-  for layout in ("sharded",):
-    # Two processes with one CPU device each, through jax.distributed (gloo collectives).
-    port = _free_port()
-    setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
-             f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[4]))")
-    path = str(folder / f"{layout}-p2.npz")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    runs[layout, "2 processes"] = ([subprocess.Popen(
-        [sys.executable, "-c", ONE_STEP.format(setup=setup), path, layout, SMALLEST.to_json(),
-         str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)], path)
+                                     SMALLEST.to_json(), variant)
+    runs[variant, layout, devices] = ([proc], path)
+  # Two processes with one CPU device each, through jax.distributed (gloo collectives).
+  port = _free_port()
+  setup = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+           f"jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[5]))")
+  path = str(folder / "blocks-sharded-p2.npz")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  runs["blocks on", "sharded", "2 processes"] = ([subprocess.Popen(
+      [sys.executable, "-c", ONE_STEP.format(setup=setup), path, "sharded", SMALLEST.to_json(),
+       "blocks on", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)], path)
   results = {}
   for name, (procs, path) in runs.items():
     for p in procs:
@@ -106,13 +114,15 @@ def one_step_results(tmp_path_factory):
   return results
 
 
-@pytest.mark.parametrize("layout,devices", [("sharded", 2), ("sharded", 8),
-                                            ("sharded", "2 processes")])
-def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results, layout, devices):
-  base = one_step_results["replicated", 1]
+@pytest.mark.parametrize("variant,layout,devices", [
+    ("dropout", "sharded", 2), ("blocks on", "sharded", 8),
+    ("blocks on", "sharded", "2 processes")])
+def test_a_step_agrees_on_1_2_and_8_devices_and_2_processes(one_step_results, variant, layout,
+                                                           devices):
+  base = one_step_results[variant.replace(" on", " off"), "replicated", 1]
   assert any("ema" in k for k in base) and any("opt_state" in k for k in base)
   assert int(base["['step']"]) == 2
-  _assert_close(one_step_results[layout, devices], base)
+  _assert_close(one_step_results[variant, layout, devices], base)
   # ...and the step did something: params moved from their initial values.
   init = jcd.random_params(SMALLEST, seed=1)
   assert not np.allclose(base["['params']['conv_in']['kernel']"], init["conv_in"]["kernel"])

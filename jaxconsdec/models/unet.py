@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxconsdec.config import UNetConfig
+from jaxconsdec.models import sharded_blocks
 from jaxconsdec.models.layers import ResnetBlock, conv, dense, group_norm
 from jaxconsdec.precision import part_dtype
 
@@ -59,27 +60,36 @@ def recomputed(block: ResnetBlock, x: jax.Array, temb: jax.Array) -> jax.Array:
   recomputation's input depends on the output's cotangent (plus 0 times one of its values),
   which no compiler can move ahead of the block's gradient: 416 MiB. Costs one scalar add,
   fused into the first layer's read, on any platform.
+
+  Inside `models.sharded_blocks.sharded_blocks` (the trainer's sharded state), the block runs
+  on each device's examples, gathering its params itself: see that module.
   """
   spec = (block.config, block.out_channels, block.resample)
+  layout = sharded_blocks.current_layout()
 
   def apply(params, x, temb):
-    return ResnetBlock(*spec).apply({"params": params}, x, temb)
+    return ResnetBlock(*spec, parent=None).apply({"params": params}, x, temb)
 
   def forward(mdl, x, temb):
-    return mdl(x, temb), (mdl.variables["params"], x, temb)
+    params = mdl.variables["params"]
+    out = (mdl(x, temb) if layout is None
+           else sharded_blocks.forward(layout, apply, params, x, temb))
+    return out, (params, x, temb)
 
   def backward(residuals, g):
     params, x, temb = residuals
-    zero = g.reshape(-1)[0] * 0  # after g exists: see the docstring
-    x = x + zero.astype(x.dtype)
-    # The params too: where they are sharded over devices (the trainer's FSDP state), each
-    # use gathers them whole, and a recomputation that reads them as the forward pass did
-    # shares its gathered copy, which then lives from the forward pass to the backward.
-    params = jax.tree.map(lambda p: p + zero.astype(p.dtype), params)
-    d_params, dx, dtemb = jax.vjp(apply, params, x, temb)[1](g)
+    if layout is not None:
+      d_params, dx, dtemb = sharded_blocks.backward(layout, apply, params, x, temb, g)
+    else:
+      # The params too: where the caller's jit shards them, each use gathers them whole, and
+      # a recomputation that reads them as the forward pass did shares its gathered copy,
+      # which then lives from the forward pass to the backward.
+      params, x = sharded_blocks.after(g, (params, x))  # see the docstring
+      d_params, dx, dtemb = jax.vjp(apply, params, x, temb)[1](g)
     return {"params": d_params}, dx, dtemb
 
-  return nn.custom_vjp(lambda mdl, x, temb: mdl(x, temb), forward, backward)(block, x, temb)
+  primal = lambda mdl, x, temb: forward(mdl, x, temb)[0]
+  return nn.custom_vjp(primal, forward, backward)(block, x, temb)
 
 
 class DownBlock(nn.Module):

@@ -2,8 +2,9 @@
 
 The state is a dict {"step", "params", "opt_state", "ema"}. Sharded (ZeRO/FSDP), each leaf
 is split over the mesh's "data" axis along its largest axis that divides by the device
-count, and XLA gathers each layer's params where they are used and reduce-scatters their
-gradients; replicated, every device holds all of it. The step donates its state, so the new
+count; each layer's params are gathered where they are used and their gradients
+reduce-scattered (rematerialised ResBlocks do it themselves, `models.sharded_blocks`; XLA's
+partitioner does the rest); replicated, every device holds all of it. The step donates its state, so the new
 one takes the old one's place. The global batch of uint8 crops is split over the same axis.
 Everything random in the step comes from `fold_in(key(seed), g)` for each example's global
 index g (split into pair, noise and dropout keys), so a run computes the same thing on 1
@@ -14,6 +15,7 @@ The frozen VAE encoder turns each crop into its latent (the posterior mean) insi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -29,6 +31,7 @@ from jaxconsdec.weights import abstract_params
 from jaxconsdec.xla_options import compiler_options
 from jaxconsdec.autoencoder import nested_encode
 from jaxconsdec.models.conv import cpu_product_gradients
+from jaxconsdec.models.sharded_blocks import Layout, sharded_blocks
 from jaxconsdec.training.loss import consistency_loss, denoising_loss
 from jaxconsdec.training.pairs import (ICT_LAW, anchor, check_law, draw_from_table, draw_levels,
                                       pair_count, pair_table)
@@ -127,8 +130,10 @@ def example_streams(seed: int, first: jax.Array, count: int):
 def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfig,
           vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
           objective: str, noise_law, pair_weighting: str, anchor_share: float,
-          conv_products: bool):
-  with cpu_product_gradients(conv_products):
+          conv_products: bool, block_layout: Optional[Layout]):
+  blocks = (contextlib.nullcontext() if block_layout is None
+            else sharded_blocks(*block_layout))
+  with cpu_product_gradients(conv_products), blocks:
     return _step_body(state, vae_params, pixels, first, levels, logits, config=config,
                       vae_config=vae_config, optimization=optimization, seed=seed,
                       remat=remat, objective=objective, noise_law=noise_law,
@@ -224,11 +229,23 @@ class TrainStep:
                           objective=objective, noise_law=noise_law,
                           pair_weighting=pair_weighting, anchor_share=float(anchor_share),
                           # models.conv's CPU backward, outside the per-example dropout vmap
-                          conv_products=platform == "cpu" and not config.dropout),
+                          conv_products=platform == "cpu" and not config.dropout,
+                          block_layout=self.block_layout),
         in_shardings=(self.state_shardings, self.replicated, self.batch_sharding, None, None,
                       None),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,),
         compiler_options=compiler_options(platform))
+
+  @property
+  def block_layout(self) -> Optional[Layout]:
+    """Sharded and rematerialised, each ResBlock gathers its own params and reduce-scatters
+    their gradients (models.sharded_blocks): one block's weights whole on a device at a
+    time, instead of what XLA's partitioner chooses. Dropout's blocks are jax.checkpoint's,
+    under a per-example vmap; they keep the partitioner's choice."""
+    if not (self.sharded and self.remat) or self.config.dropout:
+      return None
+    n = self.num_devices
+    return Layout(self.mesh, DATA_AXIS, lambda shape: fsdp_spec(shape, n))
 
   @property
   def num_devices(self) -> int:
