@@ -1,11 +1,11 @@
 """The decoder most training tests train: TINY's widths and numerics on two levels of one
 ResBlock each.
 
-What those tests check (resuming bit for bit, sharding, refusals, exports, keys, remat's and
-the product path's gradients) does not depend on the depth, and this step compiles in about
-half of TINY's time on XLA:CPU, which is most of what each trainer run costs there. The
-released topology is still trained, at TINY's widths, where depth matters: in
-test_training_learns (what a run learns) and in test_remat's memory test.
+What those tests check (resuming bit for bit, sharding, refusals, exports, keys, the losses
+against torch, remat's gradients and memory, the product path's gradients) does not depend on
+the depth, and this step compiles in about half of TINY's time on XLA:CPU, which is most of
+what each trainer run costs there. The released topology is still trained, at TINY's widths,
+where depth matters: in test_training_learns (what a run learns).
 """
 
 import os

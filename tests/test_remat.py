@@ -39,7 +39,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 def test_remat_lowers_the_compiled_memory_of_the_gradient():
   """A compiled property, not a timing: the temporaries XLA allocates for the gradient."""
-  cfg = jcd.TINY
+  from small_models import SMALLEST as cfg  # every kind of block once
   params = jcd.abstract_params(cfg)
   temp = {}
   for remat in (False, True):
