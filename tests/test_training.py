@@ -414,17 +414,19 @@ def test_when_one_of_two_processes_fails_both_stop_together_with_its_message(pho
 
 def test_short_of_memory_the_trainer_hands_free_pages_back_after_each_step(photos, tmp_path):
   """Where the memory available before the first step holds one step's temporaries but not
-  two (made so here: 3 GiB available, 2 GiB a step), each step's freed block is handed back
-  before the next (jaxconsdec/host_memory.py); the run is the same run."""
+  two (made so here: 3 GiB available; 1 GiB a step on each of 2 simulated devices, which
+  share the host), each step's freed block is handed back before the next
+  (jaxconsdec/host_memory.py); the run is the same run."""
   forced = ("import sys; from jaxconsdec import host_memory as h; calls = []\n"
             "from jaxconsdec.training.step import TrainStep\n"
-            "TrainStep.temporary_bytes = property(lambda self: 2 << 30)\n"
+            "TrainStep.temporary_bytes = property(lambda self: 1 << 30)\n"
             "h.available_bytes = lambda: 3 << 30\n"
             "h.release_free_memory = lambda: calls.append(1)\n"
             "from jaxconsdec.cli import main; code = main(sys.argv[1:])\n"
             "print('RELEASED', len(calls)); sys.exit(code)")
   proc = subprocess.run([sys.executable, "-c", forced, "train", photos, "--out",
                          str(tmp_path / "run"), *TRAIN, *SHARED], capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=600,
+                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "RELEASED 7" in proc.stdout, proc.stdout  # once after set-up, then once a step

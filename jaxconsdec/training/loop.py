@@ -208,7 +208,9 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
     # completes before the next step.
     save_completes = on_cpu = step_fn.platform == "cpu"
     step_fn.compile(vae_encoder, settings.batch_size, settings.resolution)
-    host_temporaries = step_fn.temporary_bytes if on_cpu else None
+    # CPU devices (simulated ones) share the host, each with its own temporaries.
+    host_temporaries = (step_fn.temporary_bytes * len(step_fn.mesh.local_devices) if on_cpu
+                        else None)
     start = manager.latest_step() or 0
     if not start:  # from scratch: initialised for the latent space now known
       state = step_fn.first_state(random_params(config, seed=settings.seed) if params is None
