@@ -6,8 +6,10 @@ SPMD partitioner, XLA:CPU gathers every layer's weights ahead of the forward pas
 each gradient whole on every device until the optimiser's update (it has no pass that turns
 an all-reduce and a slice into a reduce-scatter): 2.3-2.9 GiB of temporaries per device for
 the released widths at 64x64, batch 1 per device (benchmarks/README.md, Training memory).
-Written explicitly per block, a device holds one block's gathered weights at a time, and a
-block's gradient is reduced to each device's part as soon as it exists.
+Written explicitly per block, a device holds about one block's gathered weights at a time,
+and a block's gradient is reduced to each device's part as soon as it exists: 0.88 GiB.
+A block's gather waits for its input, so it cannot overlap the block before: the trainer
+uses this on CPUs only, where that costs nothing (`TrainStep.block_layout`).
 
 `with sharded_blocks(mesh, axis, spec_of):` around the traced code turns this on for the
 ResBlocks that `models.unet.recomputed` runs (the trainer's step does, when its state is
