@@ -11,11 +11,12 @@ and a block's gradient is reduced to each device's part as soon as it exists: 0.
 A block's gather waits for its input, so it cannot overlap the block before: the trainer
 uses this on CPUs only, where that costs nothing (`TrainStep.block_layout`).
 
-`with sharded_blocks(mesh, axis, spec_of):` around the traced code turns this on for the
-ResBlocks that `models.unet.recomputed` runs (the trainer's step does, when its state is
+`with sharded_blocks(Layout(mesh, axis, spec_of)):` around the traced code turns this on for
+the ResBlocks that `models.unet.recomputed` runs (the trainer's step does, when its state is
 sharded and remat is on). `spec_of(shape)` is the PartitionSpec a param of that shape is
 split with over `axis`; the blocks' inputs are split over `axis` on their batch. Outside the
-context a block is traced as it is, for whatever partitioning the caller's jit chooses.
+context, or with a layout of None, a block is traced as it is, for whatever partitioning the
+caller's jit chooses.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ _LAYOUT: contextvars.ContextVar[Optional[Layout]] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def sharded_blocks(mesh: Mesh, axis: str, spec_of):
-  token = _LAYOUT.set(Layout(mesh, axis, spec_of))
+def sharded_blocks(layout: Optional[Layout]):
+  token = _LAYOUT.set(layout)
   try:
     yield
   finally:

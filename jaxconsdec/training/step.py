@@ -16,7 +16,6 @@ The frozen VAE encoder turns each crop into its latent (the posterior mean) insi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -132,9 +131,7 @@ def _step(state, vae_params, pixels, first, levels, logits, *, config: UNetConfi
           vae_config: VAEConfig, optimization: Optimization, seed: int, remat: bool,
           objective: str, noise_law, pair_weighting: str, anchor_share: float,
           conv_products: bool, block_layout: Optional[Layout]):
-  blocks = (contextlib.nullcontext() if block_layout is None
-            else sharded_blocks(*block_layout))
-  with cpu_product_gradients(conv_products), blocks:
+  with cpu_product_gradients(conv_products), sharded_blocks(block_layout):
     return _step_body(state, vae_params, pixels, first, levels, logits, config=config,
                       vae_config=vae_config, optimization=optimization, seed=seed,
                       remat=remat, objective=objective, noise_law=noise_law,
