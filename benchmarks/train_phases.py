@@ -5,13 +5,17 @@ first state, evaluation, each step. Where the peak RSS of `train_speed.py peaks`
       --steps 2 --resolution 64 --batch-size 1 --no-progress --no-compile-cache
 
 Arguments are `jaxconsdec train`'s. Prints one line per phase boundary to stderr (and
-writes them to benchmarks/results/train_phases_cpu.txt with --record). It wraps the
-trainer's methods to log around them; the run itself is the command's.
+writes them to benchmarks/results/train_phases_cpu.txt with --record), with glibc's heap
+(`mallinfo2`: in use and free, the free part being what the process keeps), and a line
+whenever RSS moved by 0.5 GiB between phases (a step's peak is reached after its dispatch).
+It wraps the trainer's methods to log around them; the run itself is the command's.
 """
 
+import ctypes
 import functools
 import os
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,12 +33,44 @@ def _status_gib():
   return values
 
 
+class _Mallinfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+def _heap_gib():
+  """glibc's heap: bytes in use and free (kept by the process), or None off glibc 2.33+."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+  except (OSError, AttributeError):
+    return None
+  m = libc.mallinfo2()
+  return (m.uordblks + m.hblkhd) / 2 ** 30, m.fordblks / 2 ** 30
+
+
 def log(what):
   s = _status_gib()
+  heap = _heap_gib()
   line = (f"[{time.time() - START:7.1f} s] {what:36s} RSS {s['VmRSS']:6.2f} GiB,"
-          f" peak {s['VmHWM']:6.2f} GiB")
+          f" peak {s['VmHWM']:6.2f} GiB"
+          + (f", heap in use {heap[0]:6.2f}, free {heap[1]:6.2f} GiB" if heap else ""))
   LINES.append(line)
   print(line, file=sys.stderr, flush=True)
+
+
+def watch(period=1.0, step_gib=0.5):
+  """Logs RSS whenever it moved by step_gib since the last line (a daemon thread)."""
+  def run():
+    last = _status_gib()["VmRSS"]
+    while True:
+      time.sleep(period)
+      now = _status_gib()["VmRSS"]
+      if abs(now - last) >= step_gib:
+        log("(RSS moved)")
+        last = now
+  threading.Thread(target=run, daemon=True).start()
 
 
 def wrap(owner, name, label):
@@ -62,6 +98,7 @@ def main():
   wrap(loop._Evaluator, "__call__", "an evaluation")  # noqa: SLF001 (instrumentation)
   wrap(host_memory, "release_free_memory", "release_free_memory")
   log("start")
+  watch()
   status = cli_main(["train", *argv], console=True)
   log(f"end, exit status {status}")
   if record:

@@ -169,3 +169,43 @@ def test_latent_statistics_merge_as_one_pass():
   every = np.concatenate(parts).reshape(-1, 4)
   np.testing.assert_allclose(total.mean, every.mean(axis=0), rtol=1e-12)
   np.testing.assert_allclose(total.std, every.std(axis=0, ddof=1), rtol=1e-12)
+
+
+# A sharded leaf copied whole (as evaluation and export copy the EMA) leaves nothing behind
+# once the copy is dropped: glibc's count of bytes in use returns to where it was.
+WHOLE_COPY = textwrap.dedent("""
+    import ctypes, gc, jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jaxconsdec.training.step import whole_copy
+
+    class Mallinfo2(ctypes.Structure):
+      _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                  "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    def in_use():
+      gc.collect()
+      m = libc.mallinfo2()
+      return m.uordblks + m.hblkhd
+
+    values = np.arange(2048 * 8192, dtype=np.float32).reshape(2048, 8192)  # 64 MiB
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    ema = jax.device_put(values, NamedSharding(mesh, PartitionSpec("data")))
+    del values
+    ema.block_until_ready()
+    before = in_use()
+    copy = whole_copy({"w": ema})["w"]
+    assert copy.devices() == {jax.devices()[0]}
+    expected = np.arange(copy.size, dtype=np.float32).reshape(copy.shape)
+    assert np.array_equal(np.asarray(copy), expected)
+    del copy, expected
+    grown = in_use() - before
+    print("OK", grown)
+    assert grown < 8 << 20, f"{grown / 2 ** 20:.0f} MiB still held after the copy was dropped"
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_a_whole_copy_of_a_sharded_leaf_leaves_no_host_copy_behind():
+  from simulated_devices import run_on_simulated_devices
+  run_on_simulated_devices(WHOLE_COPY, 2)
