@@ -227,24 +227,31 @@ MEMORY_VARIANTS = {"fp32": ("float32", "off", "sharded"),
 
 
 def memory(args):
-  """Each device count in its own process (XLA's simulated CPU devices are fixed at start)."""
+  """Each device count in its own process (XLA's simulated CPU devices are fixed at start).
+  --tables-only: the tables again from the rows of the last results, compiling nothing."""
+  stem = args.out or os.path.join(RESULTS, "train_memory_cpu")
   rows = []
-  for devices in (int(d) for d in args.devices.split(",")):
+  if args.tables_only:
+    with open(stem + ".json") as f:
+      rows = json.load(f)["rows"]
+  for devices in [] if args.tables_only else (int(d) for d in args.devices.split(",")):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, __file__, "memory-worker", "--size", str(args.size), "--batches",
            args.batches, "--variants", args.variants]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-  torch_peak = _torch_peak_gib()
+  torch_run = _torch_run()
   fits = _fits(rows)
   table = ("| devices | size | batch | variant | state GiB | temporaries GiB |"
            " total per device GiB |\n|---|---|---|---|---|---|---|\n" + "".join(
                f"| {r['devices']} | {r['size']}² | {r['batch']} | {r['variant']} |"
                f" {r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} |"
                f" {r['total_gib']:.2f} |\n" for r in rows))
-  if torch_peak:
-    table += (f"\nPyTorch, the same step at 256², batch 1, one process (peak RSS, `peaks`):"
-              f" {torch_peak:.2f} GiB.\n")
+  if torch_run:
+    peak, status = torch_run["peak_rss_gib"], torch_run["exit_status"]
+    table += ("\nPyTorch, the same step at 256², batch 1, one process (`peaks`): "
+              + (f"peak RSS {peak:.2f} GiB.\n" if status == 0 else
+                 f"killed (exit status {status}) at {peak:.2f} GiB of RSS.\n"))
   table += ("\nComputed from the rows above (not measured on such devices): the fixed part"
             " (state, gradients, the step's own buffers) and the memory per example, and"
             " the examples per device that fit in each device's memory.\n\n"
@@ -255,8 +262,7 @@ def memory(args):
                 f" {f['per_example_gib']:.2f} |"
                 + "".join(f" {n} |" for n in f["examples_per_device"].values()) + "\n"
                 for f in fits))
-  _write(args.out or os.path.join(RESULTS, "train_memory_cpu"),
-         {"machine": _machine(), "rows": rows, "fits": fits, "torch_peak_rss_gib": torch_peak},
+  _write(stem, {"machine": _machine(), "rows": rows, "fits": fits, "torch_run": torch_run},
          table)
 
 
@@ -282,12 +288,13 @@ def _fits(rows):
   return out
 
 
-def _torch_peak_gib():
+def _torch_run():
+  """The PyTorch step's run in `peaks`' results (peak RSS, exit status), or None."""
   path = os.path.join(RESULTS, "train_peaks_cpu.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)["runs"]["torch, 1 device, 256², batch 1"]["peak_rss_gib"]
+    return json.load(f)["runs"].get("torch, 1 device, 256², batch 1")
 
 
 def memory_worker(args):
@@ -483,6 +490,9 @@ def main():
     mem.add_argument("--variants", default=";".join(MEMORY_VARIANTS),
                      help=f"';'-separated, of {list(MEMORY_VARIANTS)}")
     mem.add_argument("--out")
+    if name == "memory":
+      mem.add_argument("--tables-only", action="store_true",
+                       help="write the tables again from the last results' rows")
   pk = sub.add_parser("peaks")
   pk.add_argument("--out")
   pk.add_argument("--only", metavar="PREFIX",

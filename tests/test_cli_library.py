@@ -23,7 +23,8 @@ def _state():
           "unraisablehook": sys.unraisablehook,
           "warnings": list(warnings.filters),
           "loggers": {name: logging.getLogger(name).level for name in LOGGERS},
-          "compile cache": jax.config.jax_compilation_cache_dir}
+          "compile cache": jax.config.jax_compilation_cache_dir,
+          "compile cache threshold": jax.config.jax_persistent_cache_min_compile_time_secs}
 
 
 @pytest.fixture
