@@ -11,7 +11,6 @@ whenever RSS moved by 0.5 GiB between phases (a step's peak is reached after its
 It wraps the trainer's methods to log around them; the run itself is the command's.
 """
 
-import ctypes
 import functools
 import os
 import sys
@@ -33,21 +32,10 @@ def _status_gib():
   return values
 
 
-class _Mallinfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in (
-      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-      "fordblks", "keepcost")]
-
-
 def _heap_gib():
-  """glibc's heap: bytes in use and free (kept by the process), or None off glibc 2.33+."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _Mallinfo2
-  except (OSError, AttributeError):
-    return None
-  m = libc.mallinfo2()
-  return (m.uordblks + m.hblkhd) / 2 ** 30, m.fordblks / 2 ** 30
+  from jaxconsdec import host_memory
+  heap = host_memory.heap_bytes()
+  return heap and (heap[0] / 2 ** 30, heap[1] / 2 ** 30)
 
 
 def log(what):

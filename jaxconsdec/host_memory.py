@@ -82,6 +82,23 @@ def release_free_memory() -> None:
     libc.malloc_trim(0)
 
 
+class _Mallinfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+def heap_bytes() -> Optional[tuple[int, int]]:
+  """glibc's heap: (bytes in use, bytes free but kept by the process), or None without
+  glibc 2.33's `mallinfo2`."""
+  libc = _libc()
+  if libc is None or not hasattr(libc, "mallinfo2"):
+    return None
+  libc.mallinfo2.restype = _Mallinfo2
+  m = libc.mallinfo2()
+  return m.uordblks + m.hblkhd, m.fordblks
+
+
 def available_bytes() -> Optional[int]:
   """What can still be allocated without swapping: Linux's MemAvailable, or less where this
   process's cgroup (v2: a container's memory limit) leaves less; None off Linux."""

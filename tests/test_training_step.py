@@ -174,19 +174,14 @@ def test_latent_statistics_merge_as_one_pass():
 # A sharded leaf copied whole (as evaluation and export copy the EMA) leaves nothing behind
 # once the copy is dropped: glibc's count of bytes in use returns to where it was.
 WHOLE_COPY = textwrap.dedent("""
-    import ctypes, gc, jax, numpy as np
+    import gc, jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jaxconsdec.host_memory import heap_bytes
     from jaxconsdec.training.step import whole_copy
 
-    class Mallinfo2(ctypes.Structure):
-      _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
-                  "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = Mallinfo2
     def in_use():
       gc.collect()
-      m = libc.mallinfo2()
-      return m.uordblks + m.hblkhd
+      return heap_bytes()[0]
 
     values = np.arange(2048 * 8192, dtype=np.float32).reshape(2048, 8192)  # 64 MiB
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
