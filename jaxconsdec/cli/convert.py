@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from jaxconsdec.cli.common import (EXIT_OK, VAE_PRESETS, UsageError, add_verbose,
-                                   config_arg, ctrl_c_requests_stop, describe_config,
-                                   describe_vae, vae_config_arg)
+                                   config_arg, ctrl_c_requests_stop, vae_config_arg)
 
 NAME = "convert"
 HELP = ("convert published PyTorch weights (decoder.pt or safetensors) into a"
@@ -37,44 +36,18 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-  from jaxconsdec import __version__, checkpoint
-  from jaxconsdec.convert import PARTS, layout_of, read_vae_weights, read_weights
-  from jaxconsdec.weights import params_from_torch
+  from jaxconsdec import checkpoint
+  from jaxconsdec.conversion import convert_files
 
   # Everything that can be wrong with the command is found before the slow reading.
   if checkpoint.check_replaceable(args.output) and not args.force:
     raise UsageError(f"{args.output} exists; pass --force to replace it")
-  explicit, vae_explicit = config_arg(args.config), vae_config_arg(args.vae_config)
-  parts = PARTS[layout_of(args.sources[0])]
-  params = config = vae = vae_params = None
-  sources = []
-  if "decoder" in parts:
-    weights = read_weights(args.sources, explicit, args.embedding)
-    config = weights.config.replace(param_dtype=args.dtype)
-    sources = weights.sources
-  if "vae" in parts:
-    vae = read_vae_weights(args.sources[0], vae_explicit)
-    sources = sources or [vae.source]
-    if len(args.sources) > 1 and "decoder" not in parts:
-      raise UsageError(f"{args.sources[0]} is an SD VAE file: give it alone")
-  for src in sources:
-    print(f"found {src.path}: format {src.format}, {src.tensor_count} tensors,"
-          f" dtype {'/'.join(src.dtypes)}, {src.size:,} bytes")
-  if config is not None:
-    print(f"decoder: {describe_config(config)}")
-    params = params_from_torch(weights.unet, config)
-  vae_config = None
-  if vae is not None:
-    vae_config = vae.config.replace(param_dtype=args.dtype)
-    print(f"VAE ({' and '.join(vae.halves)}): {describe_vae(vae_config)}")
-    vae_params = params_from_torch(vae.tensors, vae_config, vae.halves)
-  provenance = {"sources": [s.to_json() for s in sources],
-                "converter": f"jaxconsdec {__version__}", "param_dtype": args.dtype}
+  config, vae_config = config_arg(args.config), vae_config_arg(args.vae_config)
   stop = ctrl_c_requests_stop("stopping: the partial checkpoint is removed once the file"
                               " being written is closed")
-  checkpoint.save(args.output, params, config, provenance, vae_params=vae_params,
-                  vae_config=vae_config, vae_halves=vae.halves if vae else (),
-                  force=args.force, should_stop=stop.is_set)
+  convert_files(args.sources, args.output, dtype=args.dtype, config=config,
+                vae_config=vae_config, embedding=args.embedding, force=args.force,
+                should_stop=stop.is_set, say=print)
   if stop.is_set():
     print("Ctrl-C came as the checkpoint was being completed: it is complete and kept",
           file=sys.stderr)
