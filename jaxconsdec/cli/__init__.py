@@ -24,12 +24,12 @@ import warnings
 
 from jaxconsdec import __version__
 from jaxconsdec.files import os_error_in
-from jaxconsdec.cli import convert, decode, encode, eval as eval_, sample, train
+from jaxconsdec.cli import cache, convert, decode, encode, eval as eval_, sample, train
 from jaxconsdec.cli.common import (EXIT_ENVIRONMENT, EXIT_INPUTS_FAILED, EXIT_INTERNAL,
                                    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HelpFormatter,
                                    UsageError, usage_errors)
 
-COMMANDS = (convert, decode, encode, eval_, train, sample)
+COMMANDS = (convert, decode, encode, eval_, train, sample, cache)
 DESCRIPTION = ("OpenAI's Consistency Decoder in JAX: turn Stable Diffusion 1.x/2.x latents into"
                " images.\n\n"
                + "".join(f"  {c.EXAMPLES[0]}\n      {c.SUMMARY}\n" for c in COMMANDS)
@@ -38,8 +38,10 @@ EXIT_STATUSES = """\
 exit status:
   0    done, nothing failed
   1    done, but some inputs failed: listed at the end and in OUT_DIR/failures.json
-  2    the command was wrong (a flag, the weights, what OUT_DIR holds), found before any work
-  3    stopped by the environment: disk full, permission denied, I/O error, out of memory
+  2    the command was wrong (a flag, the weights or their name, what OUT_DIR holds),
+       found before any work
+  3    stopped by the environment: disk full, permission denied, I/O error, out of memory,
+       the network (no connection, a cut or corrupted download: run it again)
   4    internal error, a bug in jaxconsdec: the traceback is printed
   5    train: the loss went NaN or inf; nothing exported, the last good checkpoint kept
   130  interrupted (Ctrl-C); nothing half-written is left behind

@@ -41,13 +41,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def usage_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean the command itself was wrong (exit status 2)."""
   from jaxconsdec.checkpoint import CheckpointError
+  from jaxconsdec.conversion import ConversionError
+  from jaxconsdec.named_weights import UnknownNameError
   from jaxconsdec.convert import WeightFileError
   from jaxconsdec.jobs.engine import JobMismatchError, ProcessesDisagreeError
   from jaxconsdec.training.data import NoReadableImagesError
   from jaxconsdec.training.loop import TrainingSetupError
   from jaxconsdec.weights import ParamsMismatchError
-  return (UsageError, WeightFileError, CheckpointError, ParamsMismatchError, JobMismatchError,
-          ProcessesDisagreeError, TrainingSetupError, NoReadableImagesError)
+  return (UsageError, WeightFileError, CheckpointError, ConversionError, UnknownNameError,
+          ParamsMismatchError, JobMismatchError, ProcessesDisagreeError, TrainingSetupError,
+          NoReadableImagesError)
 
 
 def config_arg(value: Optional[str]):
@@ -97,17 +100,6 @@ def check_seed(seed: int) -> None:
                      f" got {seed}")
 
 
-def describe_config(config) -> str:
-  return (f"widths {config.block_out_channels}, {config.layers_per_block} layers per block,"
-          f" {config.latent_channels}-channel latents (scaling {config.scaling_factor},"
-          f" shift {config.shift_factor})")
-
-
-def describe_vae(config) -> str:
-  return (f"widths {config.block_out_channels}, {config.latent_channels}-channel latents"
-          f" (scaling {config.scaling_factor}, shift {config.shift_factor})")
-
-
 def weights_arg(args):
   """-> (params, config, identity of the weights by content, recorded with the outputs)."""
   import jaxconsdec as jcd
@@ -122,26 +114,32 @@ def weights_arg(args):
     raise UsageError("no weights: pass --weights CKPT (a folder made by `jaxconsdec convert`,"
                      " or decoder.pt / a *.safetensors file), or --random-weights tiny for a"
                      " smoke test")
-  if not os.path.exists(args.weights):
+  if not os.path.exists(args.weights) and not loading.is_name(args.weights):
     raise UsageError(f"--weights {args.weights}: no such file or folder. Pass a checkpoint"
-                     " folder made by `jaxconsdec convert`, or the PyTorch weight file itself")
-  params, config = loading.load(args.weights, config=config_arg(args.config),
-                                embedding=args.embedding)
-  files = [args.weights] + ([args.embedding] if args.embedding and
-                            not os.path.isdir(args.weights) else [])
+                     " folder made by `jaxconsdec convert`, the PyTorch weight file itself,"
+                     " or a name (openai/consistency-decoder)")
+  config = config_arg(args.config)
+  weights = loading.local(args.weights, config=config)
+  params, config = loading.load(weights, config=config, embedding=args.embedding)
+  files = [weights] + ([args.embedding] if args.embedding and not os.path.isdir(weights)
+                       else [])
   return params, config, loading.identity(files)
 
 
 def load_vae(path: str, config_flag: Optional[str]):
-  """What --vae names, loaded; it must hold an SD VAE (or a half of one)."""
+  """-> (what --vae names, loaded, which must hold an SD VAE or a half of one; the identity
+  of those weights by content)."""
   from jaxconsdec import loading
-  if not os.path.exists(path):
+  if not os.path.exists(path) and not loading.is_name(path):
     raise UsageError(f"--vae {path}: no such file or folder. Pass a checkpoint folder made by"
-                     " `jaxconsdec convert` from a VAE, or the VAE's weight file itself")
-  loaded = loading.load(path, vae_config=vae_config_arg(config_flag))
+                     " `jaxconsdec convert` from a VAE, the VAE's weight file itself, or a"
+                     " name (stabilityai/sd-vae-ft-mse)")
+  vae_config = vae_config_arg(config_flag)
+  path = loading.local(path, vae_config=vae_config)
+  loaded = loading.load(path, vae_config=vae_config)
   if loaded.vae_params is None:
     raise UsageError(f"--vae {path} holds no SD VAE ({loaded!r})")
-  return loaded
+  return loaded, loading.identity([path])
 
 
 def ctrl_c_requests_stop(message: str, also: tuple = ()) -> threading.Event:
@@ -193,7 +191,8 @@ def add_job_flags(parser, too_large: str) -> None:
   parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--compile-cache", metavar="DIR",
-                      help="persistent XLA compilation cache (default ~/.cache/jaxconsdec/xla)")
+                      help="persistent XLA compilation cache (default ~/.cache/jaxconsdec/xla, or"
+                      " $JAXCONSDEC_CACHE/xla)")
   parser.add_argument("--no-compile-cache", action="store_true",
                       help="no persistent compilation cache")
   add_verbose(parser)
@@ -252,8 +251,8 @@ def _configure_compile_cache(args) -> None:
   if args.no_compile_cache:
     return
   import jax
-  folder = args.compile_cache or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxconsdec", "xla")
+  from jaxconsdec.weight_cache import cache_root
+  folder = args.compile_cache or os.path.join(cache_root(), "xla")
   # Every program, not only those that took JAX's default second to compile: a training
   # command's small ones (evaluation, encoder, first state) cost a warm start 10 of its 35 s
   # on 2 cores, and all of them together take under 2 MB of disk.

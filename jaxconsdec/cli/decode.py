@@ -20,8 +20,10 @@ def add_arguments(p) -> None:
   p.add_argument("-o", "--output", required=True, help="output folder")
   weights = p.add_mutually_exclusive_group()
   weights.add_argument("--weights", help="checkpoint folder from `jaxconsdec convert`, a"
-                       " training run folder, or decoder.pt / a *.safetensors weight file"
-                       " (converted in memory)")
+                       " training run folder, decoder.pt / a *.safetensors weight file"
+                       " (converted in memory), or a name: openai/consistency-decoder,"
+                       " hf://ORG/REPO[/FOLDER][@REV], openai:decoder.pt (fetched and"
+                       " converted once)")
   weights.add_argument("--random-weights", choices=PRESETS,
                        help="RANDOMLY INITIALISED model of this size: a smoke test only")
   p.add_argument("--config",

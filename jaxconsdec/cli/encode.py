@@ -18,8 +18,9 @@ def add_arguments(p) -> None:
                  help="PNG or JPEG files, or folders of them")
   p.add_argument("-o", "--output", required=True, help="output folder")
   p.add_argument("--vae", required=True,
-                 help="checkpoint folder holding the VAE (or its encoder), or a VAE weight"
-                 " file (converted in memory)")
+                 help="checkpoint folder holding the VAE (or its encoder), a VAE weight"
+                 " file (converted in memory), or a name: hf://stabilityai/sd-vae-ft-mse,"
+                 " openai/consistency-decoder (its SD encoder)")
   p.add_argument("--vae-config", metavar="CONFIG",
                  help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a"
                  " JSON (default: the config.json beside a diffusers file, else sd)")
@@ -37,13 +38,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
   check_job_flags(args)  # before anything is started, read or written
   start_job_runtime(args)
-  from jaxconsdec import loading
   from jaxconsdec.jobs import encode_job
   from jaxconsdec.sharded import ShardedEncoder
 
   def load():
-    loaded = load_vae(args.vae, args.vae_config)
-    return loaded.vae_params, loaded.vae_config, loading.identity([args.vae])
+    loaded, identity = load_vae(args.vae, args.vae_config)
+    return loaded.vae_params, loaded.vae_config, identity
 
   vae_params, vae_config, identity = agreed(load)
   encoder = ShardedEncoder(vae_params, config=vae_config, sample=args.sample)

@@ -6,7 +6,7 @@ import os
 import sys
 
 from jaxconsdec.cli.common import (EXIT_INPUTS_FAILED, EXIT_OK, MAX_SEED, VAE_PRESETS,
-                                   UsageError, add_verbose, check_seed, load_vae,
+                                   UsageError, add_verbose, check_seed, config_arg, load_vae,
                                    schedule_arg, weights_arg)
 from jaxconsdec.inputs.listing import DEFAULT_MAX_PIXELS
 
@@ -21,11 +21,12 @@ def add_arguments(p) -> None:
   p.add_argument("inputs", nargs="+", metavar="IMAGE", help="PNG or JPEG files, or folders")
   p.add_argument("-o", "--output", required=True, help="report folder")
   p.add_argument("--weights", required=True,
-                 help="the Consistency Decoder: a checkpoint folder or a weight file")
+                 help="the Consistency Decoder: a checkpoint folder, a weight file or a"
+                 " name (openai/consistency-decoder)")
   p.add_argument("--config", help="architecture of a decoder weight file, as for convert")
   p.add_argument("--embedding", help="time-embedding table for the raw safetensors layout")
-  p.add_argument("--vae", help="the SD VAE: a checkpoint folder or a weight file (default:"
-                 " the VAE the --weights checkpoint holds, if any)")
+  p.add_argument("--vae", help="the SD VAE: a checkpoint folder, a weight file or a name"
+                 " (default: the VAE the --weights checkpoint holds, if any)")
   p.add_argument("--vae-config", metavar="CONFIG",
                  help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a JSON")
   p.add_argument("--schedules", nargs="+", default=["1.0", "1.0,0.5"], metavar="SCHEDULE",
@@ -50,7 +51,9 @@ def run(args) -> int:
 
   params, config, _ = weights_arg(args)
   # Without --vae, the decoder's checkpoint may carry one (a ConsistencyDecoderVAE's encoder).
-  vae = load_vae(args.vae or args.weights, args.vae_config)
+  from jaxconsdec import loading
+  vae, _ = load_vae(args.vae or loading.local(args.weights, config=config_arg(args.config)),
+                    args.vae_config)
   if "encoder" not in vae.vae_halves:
     raise UsageError("the VAE given holds no encoder: eval encodes the images first")
   result = evaluate.evaluate(args.inputs, args.output, params=params, config=config,

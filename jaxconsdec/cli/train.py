@@ -36,10 +36,12 @@ def add_arguments(p) -> None:
   p.add_argument("--resolution", type=int, default=256,
                  help="side of the random square crops (a multiple of 8)")
   p.add_argument("--init", metavar="CKPT", help="fine-tune these decoder weights (a"
-                 " checkpoint, a weight file or a finished run's folder)")
+                 " checkpoint, a weight file, a finished run's folder or a name such as"
+                 " openai/consistency-decoder)")
   p.add_argument("--config", metavar="released|tiny|FILE",
                  help="train a new decoder of this architecture from scratch")
-  p.add_argument("--vae", metavar="CKPT", help="the frozen VAE whose latents are decoded")
+  p.add_argument("--vae", metavar="CKPT", help="the frozen VAE whose latents are decoded (a"
+                 " checkpoint, a weight file or a name such as hf://stabilityai/sd-vae-ft-mse)")
   p.add_argument("--vae-config", metavar="CONFIG",
                  help=f"architecture of a VAE weight file: {', '.join(VAE_PRESETS)} or a JSON")
   p.add_argument("--random-vae", metavar="CONFIG",
@@ -147,7 +149,6 @@ def run(args) -> int:
   import jax
 
   import jaxconsdec as jcd
-  from jaxconsdec import loading
   from jaxconsdec.training import loop, pairs, step
 
   scratch = args.config is not None
@@ -189,11 +190,10 @@ def run(args) -> int:
             file=sys.stderr)
       return (params, config, init, jcd.random_params(vae_config, 0), vae_config,
               f"random-init:{args.random_vae}")
-    loaded = load_vae(args.vae, args.vae_config)
+    loaded, vae_identity = load_vae(args.vae, args.vae_config)
     if "encoder" not in loaded.vae_halves:
       raise UsageError(f"--vae {args.vae} holds no encoder: training encodes the images")
-    return (params, config, init, loaded.vae_params, loaded.vae_config,
-            loading.identity([args.vae]))
+    return params, config, init, loaded.vae_params, loaded.vae_config, vae_identity
 
   params, config, init, vae_params, vae_config, vae_identity = agreed(load_models)
   stop = ctrl_c_requests_stop("stopping after this step; saving a checkpoint (Ctrl-C or"
