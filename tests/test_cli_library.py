@@ -34,6 +34,8 @@ def own_settings():
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   levels = {name: logging.getLogger(name).level for name in LOGGERS}
   cache = jax.config.jax_compilation_cache_dir
+  threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 7.0)
   signal.signal(signal.SIGTERM, handler)
   signal.signal(signal.SIGINT, handler)
   logging.getLogger("absl").setLevel(logging.INFO)
@@ -45,6 +47,7 @@ def own_settings():
   for name, level in levels.items():
     logging.getLogger(name).setLevel(level)
   jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
 
 
 def test_a_failing_and_a_succeeding_command_leave_the_process_as_it_was(own_settings,
