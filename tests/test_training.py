@@ -162,7 +162,7 @@ def test_bad_data_and_bad_runs_are_answered(photos, tmp_path):
   assert proc.returncode == 2 and "no usable training images" in proc.stderr, proc.stderr
   # Unreadable and too-small images are left out, listed, and the run goes on: exit 1.
   mixed = tmp_path / "mixed"
-  _photos(str(mixed), ("astronaut",))
+  _photos(str(mixed))  # the same three photos as the other runs: their programs are cached
   Image.new("RGB", (16, 40)).save(mixed / "small.png")
   (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
   run = str(tmp_path / "r1")
@@ -310,14 +310,16 @@ def _edit_widths(path):
   json.dump(run, open(path, "w"))
 
 
-def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(tmp_path):
-  images = _photos(str(tmp_path / "images"))
+def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(photos, tmp_path):
+  # Three images and the evaluation on the three photos, as the other runs: their programs
+  # (the latent statistics' encoder, the evaluation's decoder) are cached.
+  images = _photos(str(tmp_path / "images"), ("astronaut", "coffee"))
   whole = tmp_path / "whole.jpg"
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), np.uint8)).save(whole)
   data = whole.read_bytes()
   (tmp_path / "images" / "truncated.jpg").write_bytes(data[:len(data) // 2])  # header intact
   run = str(tmp_path / "run")
-  proc = _train(images, run, "--steps", "8", "--eval-every", "8")
+  proc = _train(images, run, "--steps", "8", "--eval-every", "8", "--eval-images", photos)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "LEFT OUT" in proc.stderr and "truncated.jpg" in proc.stderr, proc.stderr[-3000:]
   failures = json.load(open(os.path.join(run, "failures.json")))
@@ -325,7 +327,7 @@ def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(tmp_
   assert "failed to decode" in failures[0]["reason"]
   assert jcd.load(run).params is not None  # the model was exported
   # The same command again is the same run (the dropped file does not change what it is).
-  again = _train(images, run, "--steps", "8", "--eval-every", "8")
+  again = _train(images, run, "--steps", "8", "--eval-every", "8", "--eval-images", photos)
   assert again.returncode == 1 and "another run" not in again.stderr, again.stderr[-3000:]
 
 
@@ -423,10 +425,13 @@ def test_short_of_memory_the_trainer_hands_free_pages_back_after_each_step(photo
             "h.available_bytes = lambda: 3 << 30\n"
             "h.release_free_memory = lambda: calls.append(1)\n"
             "from jaxconsdec.cli import main; code = main(sys.argv[1:])\n"
-            "print('RELEASED', len(calls)); sys.exit(code)")
+            "print('RELEASED', len(calls)); print('TORCH', 'torch' in sys.modules)\n"
+            "sys.exit(code)")
   proc = subprocess.run([sys.executable, "-c", forced, "train", photos, "--out",
                          str(tmp_path / "run"), *TRAIN, *SHARED], capture_output=True,
                         text=True, timeout=600,
                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "RELEASED 7" in proc.stdout, proc.stdout  # once after set-up, then once a step
+  # Where torch is installed, the run does not import it (tensorboardX would, for nothing).
+  assert "TORCH False" in proc.stdout, proc.stdout
