@@ -53,6 +53,7 @@ class Name:
   path: str = ""                 # a folder or a file inside the repo ("" = its root)
   revision: str = "main"
   cdn_path: str = ""             # diff-vae/SHA256/FILE on OpenAI's CDN
+  bare: bool = False             # spelled ORG/REPO: it may also be a local path mistyped
 
   @property
   def text(self) -> str:
@@ -78,7 +79,7 @@ def parse(text: str) -> Optional[Name]:
     return Name("openai", cdn_path=path)
   m = _BARE.match(text)
   if m and not os.path.lexists(text):
-    return Name("hub", m["repo"], "", m["rev"] or "main")
+    return Name("hub", m["repo"], "", m["rev"] or "main", bare=True)
   return None
 
 
@@ -150,8 +151,9 @@ def _hub_file(name: Name, folder: str, file: str, progress: bool) -> Optional[st
     raise UnknownNameError(f"{name.text}: {name.repo} is gated. Accept its terms on its Hub"
                            " page, then log in (`hf auth login`) or set HF_TOKEN") from None
   except errors.RepositoryNotFoundError:
-    raise UnknownNameError(f"{name.text}: the Hub has no repository {name.repo}, or it is"
-                           " private (log in with `hf auth login` or set HF_TOKEN)") from None
+    local = f"{name.repo}: no such file or folder here, and " if name.bare else f"{name.text}: "
+    raise UnknownNameError(f"{local}the Hub has no repository {name.repo}, or it is private"
+                           " (log in with `hf auth login` or set HF_TOKEN)") from None
   except errors.RevisionNotFoundError:
     raise UnknownNameError(f"{name.text}: {name.repo} has no revision {name.revision}"
                            ) from None

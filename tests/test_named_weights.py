@@ -265,6 +265,7 @@ def test_names_that_resolve_to_nothing_are_answered_in_one_line(published, tmp_p
   common = ["-o", tmp_path / "out", "--no-progress", "--no-compile-cache"]
   cases = [  # (weights, env, exit status, words of the last line)
       ("hf://nobody/nothing", env, 2, "no repository nobody/nothing"),
+      ("nobody/nothing", env, 2, "no such file or folder here, and the Hub has no repository"),
       ("hf://someone/gated-decoder", env, 2, "is gated"),
       ("hf://openai/consistency-decoder@v9", env, 2, "no revision v9"),
       ("hf://openai/consistency-decoder/unet", env, 2, "holds no diffusion_pytorch_model"),
