@@ -19,8 +19,9 @@ from jaxconsdec.training.run_files import exported_model
 
 
 def is_name(path) -> bool:
-  """Whether `path` is a weights name rather than a local path (see named_weights)."""
-  return isinstance(path, (str, os.PathLike)) and named_weights.parse(path) is not None
+  """Whether `path` is a weights name rather than a local path (see named_weights). A
+  pathlib.Path is always a path."""
+  return isinstance(path, str) and named_weights.parse(path) is not None
 
 
 def local(path, *, config: Optional[UNetConfig] = None,
@@ -29,7 +30,7 @@ def local(path, *, config: Optional[UNetConfig] = None,
   with these architectures where its files do not describe themselves); anything else as
   given."""
   if is_name(path):
-    return weight_cache.resolve(os.fspath(path), config=config, vae_config=vae_config,
+    return weight_cache.resolve(path, config=config, vae_config=vae_config,
                                 progress=sys.stderr.isatty())
   return path
 
