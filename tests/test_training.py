@@ -326,9 +326,13 @@ def test_an_image_that_fails_to_decode_mid_run_is_named_listed_and_left_out(phot
   assert [os.path.basename(f["input"]) for f in failures] == ["truncated.jpg"]
   assert "failed to decode" in failures[0]["reason"]
   assert jcd.load(run).params is not None  # the model was exported
-  # The same command again is the same run (the dropped file does not change what it is).
+  # The same command again is the same run (the dropped file does not change what it is),
+  # and it still reports the image its earlier run left out.
   again = _train(images, run, "--steps", "8", "--eval-every", "8", "--eval-images", photos)
   assert again.returncode == 1 and "another run" not in again.stderr, again.stderr[-3000:]
+  assert "truncated.jpg" in again.stderr
+  assert [os.path.basename(f["input"]) for f in json.load(
+      open(os.path.join(run, "failures.json")))] == ["truncated.jpg"]
 
 
 def test_flags_full_disks_and_killed_exports_are_answered(uninterrupted, photos, tmp_path):

@@ -230,6 +230,7 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
                                  " position; the folder holds another run")
       if lead:
         print(f"resuming {run_dir} from step {start}", file=log)
+    earlier = _earlier_failures(run_dir, listing.failures) if lead else []
     metrics = _MetricsLog(run_dir, start, lead)
     report = RunReport(steps_done=start, resumed_from=start, failures=listing.failures,
                        model_dir=os.path.join(run_dir, MODEL))
@@ -334,7 +335,8 @@ def train(inputs: Sequence[str], run_dir: str, settings: RunSettings, *, params,
           f" {manager.latest_step() or 0}) holds finite values. Lower --lr (or raise"
           f" --warmup, lower --clip-norm) and start a new run, or --init it from a"
           f" checkpoint you trust.")
-    report.failures = listing.failures + gather_failures(evaluator.failures + crops.failures)
+    report.failures = listing.failures + gather_failures(earlier + evaluator.failures
+                                                         + crops.failures)
     if not report.stopped:
       _export(report.model_dir, state["ema"], config, encoder, vae_config, identity, step, lead)
       if lead:
@@ -620,6 +622,25 @@ def _export(model_dir, ema, config, encoder, vae_config, identity, step, lead):
                     {"trained_by": "jaxconsdec train", "step": step, "run": identity},
                     vae_params=vae, vae_config=vae_config, vae_halves=("encoder",),
                     force=os.path.exists(model_dir))
+
+
+def _earlier_failures(run_dir: str, listed: list[Failure]) -> list[Failure]:
+  """What the run's earlier parts left out (failures.json), less what this listing finds
+  again. An image that failed mid-run fails again only if its crop is drawn again after a
+  resume; without this, a resumed or rerun run would drop it from its report. A file that
+  is not that run's list is not trusted and is rewritten at the end."""
+  path = os.path.join(run_dir, FAILURES)
+  if not os.path.lexists(path):
+    return []
+  with _run_file(open_regular, path) as f:
+    text = f.read(16 << 20)  # a longer file is cut, fails to parse, and is not trusted
+  try:
+    entries = json.loads(text)
+    found = [Failure(str(e["input"]), str(e["reason"])) for e in entries]
+  except (ValueError, TypeError, KeyError):
+    return []
+  seen = {(f.input, f.reason) for f in listed}
+  return [f for f in found if (f.input, f.reason) not in seen]
 
 
 def _write_failures(run_dir: str, failures: list[Failure]) -> None:
