@@ -20,7 +20,6 @@ they are trusted.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 import re
@@ -178,19 +177,17 @@ def _check_hub_hash(name: Name, path: str) -> None:
   """The Hub stores a large file under its SHA-256 (the file's name in the Hub's cache of
   blobs): the bytes must hash to it. A mismatched blob is removed, so that the next run
   downloads it again instead of failing on the same bytes."""
+  from jaxconsdec.convert.formats import sha256_of  # remembered: the cache key reuses it
   blob = os.path.realpath(path)
   expected = os.path.basename(blob)
   if not re.fullmatch(r"[0-9a-f]{64}", expected):
     return  # a small file kept in git: listed by its git hash, checked by the converter
-  hasher = hashlib.sha256()
-  with open(blob, "rb") as f:
-    for chunk in iter(lambda: f.read(downloads.CHUNK), b""):
-      hasher.update(chunk)
-  if hasher.hexdigest() != expected:
+  digest = sha256_of(blob)
+  if digest != expected:
     os.remove(blob)
     if os.path.lexists(path):
       os.remove(path)  # the snapshot's link to the blob
     raise downloads.DownloadError(
-        f"{name.text}: {os.path.basename(path)} has SHA-256 {hasher.hexdigest()}, not the"
-        f" {expected} the Hub lists: it was corrupted on the way. It was deleted; run the"
-        " same command again to download it afresh")
+        f"{name.text}: {os.path.basename(path)} has SHA-256 {digest}, not the {expected} the"
+        " Hub lists: it was corrupted on the way. It was deleted; run the same command again"
+        " to download it afresh")
