@@ -8,6 +8,9 @@
 #   4. compiled memory (XLA's analysis) at 1024², bf16 and f32 -> results/memory_gpu.json
 #   5. training: one released-width trainer step at 256², batch 8, bf16: images/s and MFU
 #                                                -> results/train_throughput_gpu.{json,md}
+#   6. `jaxconsdec parity` at the released widths (random weights), 512², batch 2, fp32 and
+#      bf16: each block's and the decode's error against diffusers, and both sides' times
+#                                                -> results/parity_gpu.{json,md}
 # Each step is its own process, so each peak belongs to its step.
 #
 # The GPU machine's Python has jax (CUDA), flax, optax, orbax-checkpoint and torch, and no
@@ -31,6 +34,19 @@ if ! python3 -c "import diffusers, tqdm, PIL" 2>/dev/null; then
   python3 -m pip install -q --no-index --find-links benchmarks/wheels \
     diffusers==0.42.1 "tqdm>=4.66,<5" "Pillow>=12,<14"
 fi
+python3 -m pip install -q --no-deps --no-index --find-links benchmarks/wheels --force-reinstall \
+  jaxconsdec
+
+# `jaxconsdec parity` runs the installed package, from outside the tree (whose jaxconsdec/
+# lacks the convert subpackage), on a diffusers folder of random released-width weights.
+parity() {
+  local weights
+  weights=$(mktemp -d)
+  python3 benchmarks/parity_weights.py "$weights/vae" "${@:1:2}"
+  (cd "$weights" && env -u PYTHONPATH python3 -m jaxconsdec parity "$weights/vae" "${@:3}") \
+    || echo "parity: exit status $? (1: an error above its bound; see the table)" >&2
+  rm -rf "$weights"
+}
 
 if [ "${1:-}" = "--dry-run" ]; then
   out=benchmarks/results/dry_run
@@ -45,6 +61,8 @@ if [ "${1:-}" = "--dry-run" ]; then
   python3 benchmarks/memory.py --sizes 64 --devices 1 --out "$out/memory.json"
   python3 benchmarks/train_speed.py throughput --tiny --size 64 --batch 2 --repeats 1 \
     --out "$out/train_throughput"
+  parity --widths tiny --size 64 --batch 1 --dtype float32,bfloat16 --repeats 1 \
+    --out "$PWD/$out/parity"
   echo "dry run done: $out"
   exit 0
 fi
@@ -60,3 +78,5 @@ python3 benchmarks/decode_speed.py --sizes 1024 --batches 1 --dtype bfloat16 --r
 python3 benchmarks/memory.py --sizes 1024 --devices 1 --out benchmarks/results/memory_gpu.json
 python3 benchmarks/train_speed.py throughput --size 256 --batch 8 --dtype bfloat16 --repeats 3 \
   --out benchmarks/results/train_throughput_gpu
+parity --widths released --size 512 --batch 2 --dtype float32,bfloat16 --repeats 3 \
+  --out "$PWD/benchmarks/results/parity_gpu"

@@ -5,6 +5,11 @@ JAX's matmul precision is *not* forced here: the library pins it per config
 off the lowered programs. Torch's TF32 is turned off by `reference`, which only the tests
 that compare against PyTorch import; those modules skip themselves when torch is missing,
 and every other test still runs.
+
+`--files torch|torch-free` runs one part of the suite: the files that compare against PyTorch
+(they call `pytest.importorskip("torch")`), or the others. CI runs each part once, in the leg
+whose environment it needs (README "Tests"), and BOTH_LEGS in both; a plain `pytest` runs
+everything.
 """
 
 import os
@@ -13,6 +18,15 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference`, `import hostile`, ...
+
+# The newest-JAX leg tests the installed wheel: this checkout's sources must not stand in.
+if os.environ.get("JAXCONSDEC_EXPECT_INSTALLED"):
+  import jaxconsdec
+  _SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "jaxconsdec")
+  if os.path.abspath(jaxconsdec.__file__).startswith(_SOURCES + os.sep):
+    raise SystemExit(f"JAXCONSDEC_EXPECT_INSTALLED: jaxconsdec was imported from"
+                     f" {jaxconsdec.__file__}, this checkout, not the installed wheel")
 
 # One persistent XLA cache for the whole run, in every process: both workers and every child
 # process they start inherit these variables (JAX reads them when it starts). A program
@@ -37,6 +51,27 @@ def pytest_sessionfinish(session):
 SLOWEST_FILES = ("test_training.py", "test_training_learns.py", "test_training_step.py",
                  "test_convert.py", "test_conv.py", "test_keys.py", "test_remat.py",
                  "test_packaging.py")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--files", choices=("all", "torch", "torch-free"), default="all",
+                   help="the test files that compare against PyTorch, the others, or all")
+
+
+BOTH_LEGS = ("test_across_versions.py",)  # compares one leg's results with the other's
+
+
+def needs_torch(path) -> bool:
+  with open(path, encoding="utf-8") as f:
+    return 'importorskip("torch")' in f.read()
+
+
+def pytest_ignore_collect(collection_path, config):
+  part = config.getoption("--files")
+  name = collection_path.name
+  if part == "all" or not name.startswith("test_") or name in BOTH_LEGS:
+    return None
+  return True if needs_torch(collection_path) != (part == "torch") else None
 
 
 def pytest_collection_modifyitems(items):

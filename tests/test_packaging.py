@@ -53,7 +53,7 @@ def built(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("dist")
   src = tmp / "src"
   shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-      ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+      ".venv*", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
   built = []
   for hook in ("build_wheel", "build_sdist"):  # one process each, as a build frontend does
     out = tmp / hook

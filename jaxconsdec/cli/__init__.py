@@ -24,12 +24,13 @@ import warnings
 
 from jaxconsdec import __version__
 from jaxconsdec.files import os_error_in
-from jaxconsdec.cli import cache, convert, decode, encode, eval as eval_, sample, train
+from jaxconsdec.cli import (cache, convert, decode, encode, eval as eval_, parity, sample,
+                            train)
 from jaxconsdec.cli.common import (EXIT_ENVIRONMENT, EXIT_INPUTS_FAILED, EXIT_INTERNAL,
                                    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HelpFormatter,
                                    UsageError, usage_errors)
 
-COMMANDS = (convert, decode, encode, eval_, train, sample, cache)
+COMMANDS = (convert, decode, encode, eval_, train, sample, cache, parity)
 DESCRIPTION = ("OpenAI's Consistency Decoder in JAX: turn Stable Diffusion 1.x/2.x latents into"
                " images.\n\n"
                + "".join(f"  {c.EXAMPLES[0]}\n      {c.SUMMARY}\n" for c in COMMANDS)

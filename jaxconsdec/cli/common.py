@@ -43,6 +43,7 @@ def usage_errors() -> tuple[type[BaseException], ...]:
   from jaxconsdec.checkpoint import CheckpointError
   from jaxconsdec.conversion import ConversionError
   from jaxconsdec.named_weights import UnknownNameError
+  from jaxconsdec.parity import ParityError
   from jaxconsdec.convert import WeightFileError
   from jaxconsdec.jobs.engine import JobMismatchError, ProcessesDisagreeError
   from jaxconsdec.training.data import NoReadableImagesError
@@ -50,7 +51,7 @@ def usage_errors() -> tuple[type[BaseException], ...]:
   from jaxconsdec.weights import ParamsMismatchError
   return (UsageError, WeightFileError, CheckpointError, ConversionError, UnknownNameError,
           ParamsMismatchError, JobMismatchError, ProcessesDisagreeError, TrainingSetupError,
-          NoReadableImagesError)
+          NoReadableImagesError, ParityError)
 
 
 def config_arg(value: Optional[str]):

@@ -93,7 +93,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   into both instead."""
   def update(updates, state, params=None):
     del params
-    scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))  # 1 when the norm is 0
+    scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))  # 1 when the norm is 0
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -172,7 +172,7 @@ def _step_body(state, vae_params, pixels, first, levels, logits, *, config: UNet
   n = state["step"].astype(jnp.float32)
   decay = jnp.minimum(optimization.ema_decay, (1.0 + n) / (10.0 + n))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "lr": optimization.learning_rate(n), "boundary_pairs": jnp.mean(t_lo < 0)}
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
           "ema": ema}, metrics
