@@ -34,8 +34,9 @@ if ! python3 -c "import diffusers, tqdm, PIL" 2>/dev/null; then
   python3 -m pip install -q --no-index --find-links benchmarks/wheels \
     diffusers==0.42.1 "tqdm>=4.66,<5" "Pillow>=12,<14"
 fi
-python3 -m pip install -q --no-deps --no-index --find-links benchmarks/wheels --force-reinstall \
-  jaxconsdec
+if ! (cd / && env -u PYTHONPATH python3 -c "import jaxconsdec.convert" 2>/dev/null); then
+  python3 -m pip install -q --no-deps --no-index --find-links benchmarks/wheels jaxconsdec
+fi
 
 # `jaxconsdec parity` runs the installed package, from outside the tree (whose jaxconsdec/
 # lacks the convert subpackage), on a diffusers folder of random released-width weights.

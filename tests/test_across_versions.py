@@ -153,7 +153,7 @@ def test_training_loss_and_gradients():
   def loss(p):
     return jcd.consistency_loss(p, inputs["images"], inputs["latents"], inputs["t_lo"],
                                 inputs["t_hi"], inputs["noise"], config=SMALL).mean()
-  value, grads = jax.value_and_grad(loss)(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
   grads = np.concatenate([np.ravel(v) for v in _flat(grads).values()])
   assert np.isfinite(value) and np.isfinite(grads).all() and np.abs(grads).max() > 0
   if stored is None:
