@@ -22,7 +22,11 @@ import bz2, ctypes, ensurepip, hashlib, lzma, sqlite3, ssl, venv, zlib
 EOF
 }
 
-found() { say "using $1 ($("$1" -c 'import sys; print(sys.version.split()[0])'))"; echo "$1"; exit 0; }
+found() {
+  say "using $1 ($("$1" -c 'import sys; print(sys.version.split()[0])'))"
+  echo "$1"
+  exit 0
+}
 
 if [ "${1:-}" != --build ]; then
   if command -v python3.13 >/dev/null && works "$(command -v python3.13)"; then
