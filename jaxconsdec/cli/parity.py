@@ -3,12 +3,12 @@ and dtypes; what is measured is in `jaxconsdec.parity`."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import sys
 import tempfile
 
+from jaxconsdec import __version__
 from jaxconsdec.cli.common import (EXIT_INPUTS_FAILED, EXIT_OK, MAX_SEED, VAE_PRESETS,
                                    UsageError, add_verbose, check_seed, config_arg, load_vae)
 
@@ -163,7 +163,7 @@ def run(args) -> int:
                           repeats=args.repeats, say=lambda line: print(line, file=sys.stderr))
   report = {"weights": " ".join(args.weights), "torch_weights": how, "latents": described,
             "latent_shape": list(latents.shape), "schedule": list(parity.SCHEDULE),
-            "versions": {"jaxconsdec": importlib.metadata.version("jaxconsdec"),
+            "versions": {"jaxconsdec": __version__,
                          "jax": jax.__version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__},
             **report}
